@@ -1,0 +1,3 @@
+from dynapm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1166 @@
+# The proxy hot path: one Downstream protocol per client connection, one
+# Upstream protocol per backend connection, both on uvloop transports.
+#
+# A client connection carries a queue of exchanges (request + response).
+# Parser callbacks only record requests; after each feed the head of the
+# queue is begun: routed, counted against its service, and either sent on a
+# pooled upstream connection at once (service online) or held while the
+# Python lifecycle starts the service.  Responses are written in request
+# order because only one exchange per client connection is forwarded at a
+# time (RFC 9112 section 9.3.2 allows serial handling of pipelined requests).
+
+import logging
+from collections import deque
+
+from httptools import HttpRequestParser, HttpResponseParser
+from httptools.parser.errors import HttpParserError, HttpParserUpgrade
+
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+from dynapm.errors import StartError
+
+access_logger = logging.getLogger("dynapm.access")
+logger = logging.getLogger("dynapm.proxy")
+
+# Write-buffer marks for every transport. uvloop's default low-water mark is
+# 16 bytes, which would resume a paused peer almost never in whole buffers.
+DEF WRITE_HIGH = 256 * 1024
+DEF WRITE_LOW = 64 * 1024
+# Body bytes held for an exchange that has no upstream connection yet (cold
+# start, connect in progress, pipelined behind another): reading pauses
+# above this, so the rest waits in the kernel.
+DEF PENDING_LIMIT = 64 * 1024
+# Body bytes kept to replay an idempotent request on a fresh connection.
+DEF RETAIN_LIMIT = 1024 * 1024
+# How long a closing connection keeps draining the client's unread body.
+DEF LINGER = 2.0
+
+# Reasons to stop reading from a client; reading resumes when none is left.
+DEF PAUSE_UPSTREAM = 1
+DEF PAUSE_BUFFER = 2
+
+REASONS = {
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+# Request headers never forwarded as they are (RFC 9110 section 7.6.1), plus
+# the forwarding headers this gateway sets itself.
+cdef frozenset REQUEST_DROP = frozenset([
+    b"connection", b"keep-alive", b"te", b"trailer", b"upgrade",
+    b"proxy-connection", b"proxy-authorization", b"proxy-authenticate",
+    b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"host",
+])
+cdef frozenset RESPONSE_DROP = frozenset([
+    b"connection", b"keep-alive", b"te", b"trailer", b"upgrade",
+    b"transfer-encoding", b"proxy-connection", b"proxy-authenticate",
+    b"proxy-authorization",
+])
+cdef frozenset IDEMPOTENT = frozenset([
+    b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE",
+])
+
+
+cdef inline double now() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+def monotonic():
+    """The hot path's clock: CLOCK_MONOTONIC, as time.monotonic()."""
+    return now()
+
+
+cdef bytes strip_port(bytes host):
+    # "Example.com:3000" -> "example.com"; "[::1]:3000" -> "[::1]"
+    cdef Py_ssize_t i
+    if host.startswith(b"["):
+        i = host.find(b"]")
+        if i >= 0:
+            return host[:i + 1].lower()
+        return host.lower()
+    i = host.rfind(b":")
+    if i >= 0:
+        host = host[:i]
+    return host.lower()
+
+
+cdef class ServiceState:
+    """What the hot path knows about a service; owned by the lifecycle."""
+
+    def __init__(self, str name):
+        self.name = name
+        self.online = False
+        self.active = 0
+        self.last_activity = now()
+        self.last_request = 0.0
+        self.lifecycle = None
+        self.generation = 0
+        self.pools = []
+
+    cdef void count_status(self, int status) noexcept:
+        if status < 200:
+            self.responses_1xx += 1
+        elif status < 300:
+            self.responses_2xx += 1
+        elif status < 400:
+            self.responses_3xx += 1
+        elif status < 500:
+            self.responses_4xx += 1
+        else:
+            self.responses_5xx += 1
+
+    def close_idle(self):
+        """Close every pooled keep-alive connection (the service stopped)."""
+        cdef Pool pool
+        for pool in self.pools:
+            pool.close_all()
+
+
+cdef class Pool:
+    """Idle keep-alive connections to one upstream address."""
+
+    def __init__(self, str host, int port, ServiceState service):
+        self.host = host
+        self.port = port
+        self.service = service
+        self.idle = []
+        service.pools.append(self)
+
+    cdef Upstream take(self):
+        cdef Upstream upstream
+        while self.idle:
+            upstream = self.idle.pop()
+            if not upstream.closed:
+                return upstream
+        return None
+
+    cdef void put(self, Upstream upstream):
+        self.idle.append(upstream)
+
+    cdef void discard(self, Upstream upstream):
+        try:
+            self.idle.remove(upstream)
+        except ValueError:
+            pass
+
+    def close_all(self):
+        cdef Upstream upstream
+        idle, self.idle = self.idle, []
+        for upstream in idle:
+            upstream.transport.close()
+
+    @property
+    def idle_count(self):
+        return len(self.idle)
+
+
+cdef class Route:
+    """One routing entry: the service and upstream a request goes to."""
+
+    def __init__(self, ServiceState service, Pool pool, bytes host_header,
+                 bint preserve_host):
+        self.service = service
+        self.pool = pool
+        self.host_header = host_header
+        self.preserve_host = preserve_host
+
+
+cdef class Settings:
+    """Gateway-wide state shared by every connection."""
+
+    def __init__(self, loop, dict hosts, *, long long max_body,
+                 long max_header, double header_timeout,
+                 double keepalive_timeout, double upstream_timeout,
+                 bint access_log):
+        self.loop = loop
+        self.hosts = hosts
+        self.connections = set()
+        self.max_body = max_body
+        self.max_header = max_header
+        self.header_timeout = header_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.upstream_timeout = upstream_timeout
+        self.access_log = access_log
+        self.draining = False
+
+    def sweep(self):
+        """Enforce timeouts; the gateway calls this a few times a second."""
+        cdef Downstream downstream
+        cdef double t = now()
+        for downstream in list(self.connections):
+            downstream.check_timeouts(t)
+
+    def drain(self):
+        """Stop keep-alive: close idle connections, close busy ones after
+        their current exchange."""
+        cdef Downstream downstream
+        self.draining = True
+        for downstream in list(self.connections):
+            if downstream.current is None and not downstream.in_head:
+                downstream.transport.close()
+
+    def abort_all(self):
+        cdef Downstream downstream
+        for downstream in list(self.connections):
+            downstream.transport.abort()
+
+
+cdef class Exchange:
+    """One request and its response on a client connection."""
+
+    def __cinit__(self):
+        self.pending = []
+
+
+# ---------------------------------------------------------------------------
+# Client side
+
+
+cdef class Downstream:
+    """Protocol for one client connection.
+
+    ``fixed_route`` is set for dedicated ports; otherwise the Host header
+    picks the route.
+    """
+
+    def __init__(self, Settings settings, Route fixed_route=None):
+        self.settings = settings
+        self.fixed_route = fixed_route
+        self.queue = deque()
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.write = transport.write
+        transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0].encode() if peer else b"unknown"
+        self.parser = HttpRequestParser(self)
+        self.head_started = self.idle_since = now()
+        self.settings.connections.add(self)
+
+    def connection_lost(self, exc):
+        cdef Exchange ex = self.current
+        cdef Upstream upstream
+        self.closed = True
+        self.settings.connections.discard(self)
+        self.current = None
+        if ex is not None:
+            upstream = ex.upstream
+            if upstream is not None:
+                upstream._detach()
+                if self.tunnel:
+                    upstream.transport.close()
+                else:
+                    # The backend must see the client leave at once (an
+                    # SSE stream, a long poll): never reuse this connection.
+                    upstream.transport.abort()
+            self._release(ex)
+        self.queue.clear()
+
+    def pause_writing(self):
+        self.write_paused = True
+        if self.current is not None and self.current.upstream is not None:
+            self.current.upstream._pause_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        if self.current is not None and self.current.upstream is not None:
+            self.current.upstream._resume_reading()
+
+    def eof_received(self):
+        cdef Exchange ex = self.current
+        if self.tunnel and ex is not None and ex.upstream is not None:
+            # Half-close travels through the tunnel; once both directions
+            # are finished the tunnel is closed.
+            self.client_eof = True
+            if ex.upstream.eof:
+                ex.upstream.transport.close()
+                return False
+            ex.upstream.transport.write_eof()
+            return True
+        if self.closing:
+            return False
+        if self.parsing is not None and not self.parsing.complete:
+            # The request was cut short: nothing sensible can be answered.
+            return False
+        if ex is None and not self.queue:
+            return False
+        # A client may half-close after sending its requests; answer them
+        # and close afterwards.
+        self.client_eof = True
+        return True
+
+    def data_received(self, bytes data):
+        cdef Exchange ex
+        if self.closing:
+            return
+        if self.raw:
+            # Upgrade requested: what follows the head belongs to the tunnel.
+            ex = self.upgrade_ex
+            if self.tunnel and ex.upstream is not None:
+                ex.upstream.write(data)
+                return
+            ex.pending.append(data)
+            ex.pending_size += len(data)
+            if ex is self.current and ex.upstream is not None:
+                self._flush(ex)
+            elif ex.pending_size > PENDING_LIMIT:
+                self._pause(PAUSE_BUFFER)
+            return
+        if self.broken:
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self._on_upgrade(data, exc.args[0])
+        except HttpParserError as exc:
+            self._fatal(400, "malformed request: %s" % (exc,))
+            return
+        if self.in_head and self.head_size > self.settings.max_header:
+            self._fatal(431, "request head larger than %d bytes"
+                        % self.settings.max_header)
+            return
+        if self.current is None:
+            self._next()
+        elif self.current.upstream is not None and self.current.pending:
+            self._flush(self.current)
+        if self.queue or (self.parsing is not None and
+                          self.parsing.pending_size > PENDING_LIMIT):
+            self._pause(PAUSE_BUFFER)
+
+    def _on_upgrade(self, bytes data, Py_ssize_t offset):
+        # httptools stops at the end of an upgrade request's head; the
+        # offset is into this call's buffer and the parser is done for good.
+        cdef Exchange ex = self.upgrade_ex
+        self.raw = True
+        if ex is None:
+            # The head was refused (404, 413...): nothing to tunnel.
+            self.broken = True
+            return
+        extra = data[offset:]
+        if extra:
+            ex.pending.append(extra)
+            ex.pending_size += len(extra)
+        if self.current is None:
+            self._next()
+
+    # -- parser callbacks (httptools looks them up by name) ---------------
+
+    def on_message_begin(self):
+        cdef Exchange ex
+        if self.broken:
+            return
+        ex = Exchange()
+        self.parsing = ex
+        self.in_head = True
+        self.url_parts = []
+        self.headers = []
+        self.head_size = 0
+        if self.current is not None or self.queue:
+            self.head_started = now()
+        elif self.idle_since > self.head_started:
+            self.head_started = now()
+
+    def on_url(self, bytes url):
+        self.url_parts.append(url)
+        self.head_size += len(url)
+
+    def on_header(self, bytes name, bytes value):
+        if self.in_head:
+            self.headers.append((name, value))
+            self.head_size += len(name) + len(value) + 4
+
+    def on_headers_complete(self):
+        self._finish_head()
+
+    def on_body(self, bytes body):
+        cdef Exchange ex = self.parsing
+        cdef Py_ssize_t size = len(body)
+        if ex is None or ex.error_status:
+            return
+        ex.body_size += size
+        if ex.body_size > self.settings.max_body:
+            if ex is self.current and ex.upstream is not None and \
+                    ex.upstream.head_forwarded:
+                self.transport.abort()
+            else:
+                ex.error_status = 413
+                ex.error_detail = ("request body larger than %d bytes"
+                                   % self.settings.max_body)
+                if ex is self.current:
+                    if ex.upstream is not None:
+                        ex.upstream._detach()
+                        ex.upstream.transport.abort()
+                        ex.upstream = None
+                    self._respond_error(ex, 413, ex.error_detail, True)
+            return
+        if ex.chunked:
+            ex.pending.append(b"%x\r\n" % size)
+            ex.pending.append(body)
+            ex.pending.append(b"\r\n")
+        else:
+            ex.pending.append(body)
+        ex.pending_size += size
+
+    def on_message_complete(self):
+        cdef Exchange ex = self.parsing
+        if ex is None:
+            return
+        self.parsing = None
+        if ex.chunked and not ex.error_status:
+            # Trailers are not forwarded: the chunked body ends here.
+            ex.pending.append(b"0\r\n\r\n")
+        ex.complete = True
+        if not ex.keep_alive:
+            # Nothing after this request is read (RFC 9112 section 9.6).
+            self.broken = True
+
+    cdef int _finish_head(self) except -1:
+        cdef Exchange ex = self.parsing
+        cdef Settings settings = self.settings
+        cdef Route route
+        cdef bytes name, value, lname, host = None, te = None
+        cdef int hosts = 0
+        cdef long long length = -1
+        cdef list connection_tokens = None
+        cdef list forwarded_for = None
+        cdef list parts
+        self.in_head = False
+        if ex is None or self.broken:
+            return 0
+        if self.head_size > settings.max_header:
+            self._fatal(431, "request head larger than %d bytes"
+                        % settings.max_header)
+            return 0
+        parser = self.parser
+        method = parser.get_method()
+        ex.method = method
+        ex.is_head = method == b"HEAD"
+        ex.http10 = parser.get_http_version() != "1.1"
+        ex.keep_alive = parser.should_keep_alive()
+        ex.idempotent = method in IDEMPOTENT
+        ex.target = b"".join(self.url_parts)
+
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname == b"host":
+                hosts += 1
+                host = value
+            elif lname == b"connection":
+                if connection_tokens is None:
+                    connection_tokens = []
+                for token in value.lower().split(b","):
+                    connection_tokens.append(token.strip())
+            elif lname == b"transfer-encoding":
+                te = value if te is None else te + b"," + value
+            elif lname == b"content-length":
+                length = int(value)
+            elif lname == b"x-forwarded-for":
+                if forwarded_for is None:
+                    forwarded_for = []
+                forwarded_for.append(value)
+
+        if hosts > 1:
+            self._fatal(400, "more than one Host header")
+            return 0
+        if hosts == 0 and not ex.http10:
+            self._fatal(400, "missing Host header")
+            return 0
+        if te is not None:
+            if te.strip().lower() != b"chunked":
+                self._fatal(400, "unsupported Transfer-Encoding %r"
+                            % te.decode("latin-1"))
+                return 0
+            ex.chunked = True
+        if method == b"CONNECT":
+            ex.error_status = 405
+            ex.error_detail = "CONNECT is not supported"
+        ex.upgrade = parser.should_upgrade() and method != b"CONNECT"
+
+        route = self.fixed_route
+        if route is None:
+            route = settings.hosts.get(strip_port(host) if host else b"")
+            if route is None:
+                ex.error_status = 404
+                ex.error_detail = "no service for host %r" % (
+                    host.decode("latin-1") if host else "")
+                self.queue.append(ex)
+                return 0
+        ex.route = route
+        if length > settings.max_body:
+            ex.error_status = 413
+            ex.error_detail = "request body larger than %d bytes" % (
+                settings.max_body,)
+            self.queue.append(ex)
+            return 0
+
+        parts = [method, b" ", ex.target, b" HTTP/1.1\r\nHost: ",
+                 host if route.preserve_host and host else route.host_header,
+                 b"\r\n"]
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname in REQUEST_DROP:
+                if lname == b"upgrade" and ex.upgrade:
+                    parts += [name, b": ", value, b"\r\n"]
+                continue
+            if connection_tokens is not None and lname in connection_tokens:
+                continue
+            if lname.startswith(b"proxy-"):
+                continue
+            parts += [name, b": ", value, b"\r\n"]
+        if ex.upgrade:
+            parts.append(b"Connection: upgrade\r\n")
+        if forwarded_for is None:
+            parts += [b"X-Forwarded-For: ", self.peer, b"\r\n"]
+        else:
+            parts += [b"X-Forwarded-For: ", b", ".join(forwarded_for),
+                      b", ", self.peer, b"\r\n"]
+        if host is not None:
+            parts += [b"X-Forwarded-Host: ", host, b"\r\n"]
+        parts.append(b"X-Forwarded-Proto: http\r\n\r\n")
+        ex.head = b"".join(parts)
+        if ex.upgrade:
+            self.upgrade_ex = ex
+        self.queue.append(ex)
+        return 0
+
+    # -- exchanges ---------------------------------------------------------
+
+    cdef int _next(self) except -1:
+        cdef Exchange ex
+        if self.queue:
+            ex = self.queue.popleft()
+            self._begin(ex)
+        return 0
+
+    cdef int _begin(self, Exchange ex) except -1:
+        cdef ServiceState service
+        cdef double t
+        self.current = ex
+        if ex.error_status:
+            self._respond_error(ex, ex.error_status, ex.error_detail, False)
+            return 0
+        service = ex.route.service
+        t = now()
+        service.active += 1
+        service.requests += 1
+        service.last_activity = t
+        service.last_request = t
+        ex.counted = True
+        ex.started = t
+        ex.generation = service.generation
+        if service.online:
+            self._dispatch(ex, False)
+        else:
+            self.settings.loop.create_task(self._cold_start(ex))
+        return 0
+
+    async def _cold_start(self, Exchange ex):
+        service = ex.route.service
+        try:
+            await service.lifecycle.ensure_ready()
+        except StartError as exc:
+            if ex is self.current and not self.closed:
+                self._respond_error(ex, 503, str(exc), False)
+            return
+        except Exception as exc:
+            logger.exception("start of service %r failed", service.name)
+            if ex is self.current and not self.closed:
+                self._respond_error(
+                    ex, 503, "service '%s' failed to start: %s"
+                    % (service.name, exc), False)
+            return
+        if ex is self.current and not self.closed:
+            ex.generation = service.generation
+            self._dispatch(ex, True)
+
+    cdef int _dispatch(self, Exchange ex, bint fresh) except -1:
+        cdef Upstream upstream = None
+        if not fresh:
+            upstream = ex.route.pool.take()
+        if upstream is not None:
+            self._attach(ex, upstream)
+        else:
+            self.settings.loop.create_task(self._connect(ex))
+        return 0
+
+    async def _connect(self, Exchange ex):
+        cdef Pool pool = ex.route.pool
+        cdef Upstream upstream
+        try:
+            _, upstream = await self.settings.loop.create_connection(
+                lambda: Upstream(pool), pool.host, pool.port)
+        except OSError as exc:
+            self._connect_failed(ex, exc)
+            return
+        if ex is self.current and not self.closed:
+            self._attach(ex, upstream)
+        else:
+            # The client left while we connected: keep the connection.
+            pool.put(upstream)
+
+    def _connect_failed(self, Exchange ex, exc):
+        cdef ServiceState service = ex.route.service
+        if ex is not self.current or self.closed:
+            return
+        lifecycle = service.lifecycle
+        if (isinstance(exc, ConnectionRefusedError) and ex.tries == 0 and
+                lifecycle is not None and lifecycle.managed):
+            # The service was online but refuses connections: it crashed.
+            # Nothing was sent yet, so start it again and retry.
+            ex.tries += 1
+            lifecycle.on_refused(ex.generation)
+            self.settings.loop.create_task(self._cold_start(ex))
+            return
+        service.upstream_errors += 1
+        self._upstream_failed(
+            ex, 502, "cannot connect to upstream %s:%d of service '%s': %s"
+            % (ex.route.pool.host, ex.route.pool.port, service.name,
+               exc.strerror or exc))
+
+    cdef int _attach(self, Exchange ex, Upstream upstream) except -1:
+        ex.upstream = upstream
+        upstream._begin(self, ex)
+        if self.write_paused:
+            upstream._pause_reading()
+        self._flush(ex)
+        return 0
+
+    cdef int _flush(self, Exchange ex) except -1:
+        # Sends what the exchange has buffered to its upstream connection.
+        cdef Upstream upstream = ex.upstream
+        cdef list pending = ex.pending
+        cdef bytes body = None
+        if upstream is None:
+            return 0
+        if pending:
+            body = pending[0] if len(pending) == 1 else b"".join(pending)
+            ex.pending = []
+            ex.route.service.bytes_in += ex.pending_size
+            ex.pending_size = 0
+            ex.body_sent = True
+            if ex.idempotent and not self.raw:
+                # Kept so the request can be replayed on a fresh connection.
+                if ex.retained_size + len(body) <= RETAIN_LIMIT:
+                    if ex.retained is None:
+                        ex.retained = []
+                    ex.retained.append(body)
+                    ex.retained_size += len(body)
+                else:
+                    ex.idempotent = False
+                    ex.retained = None
+        if not ex.head_sent:
+            ex.head_sent = True
+            upstream.write(ex.head if body is None else ex.head + body)
+        elif body is not None:
+            upstream.write(body)
+        if ex.complete and not ex.sent_all and not self.raw:
+            ex.sent_all = True
+            ex.sent_at = now()
+            upstream.last_activity = ex.sent_at
+        if self.paused & PAUSE_BUFFER and not self.queue:
+            self._resume(PAUSE_BUFFER)
+        return 0
+
+    def _retry(self, Exchange ex):
+        # A reused connection closed before any response byte: replay the
+        # request once on a fresh connection (RFC 9110 section 9.2.2).
+        cdef bytes piece
+        ex.tries += 1
+        ex.upstream = None
+        ex.head_sent = False
+        ex.sent_all = False
+        if ex.retained:
+            ex.pending = ex.retained + ex.pending
+            ex.pending_size += ex.retained_size
+            ex.route.service.bytes_in -= ex.retained_size
+            ex.retained = None
+            ex.retained_size = 0
+        self._dispatch(ex, True)
+
+    cdef int _pause(self, int reason) except -1:
+        if not self.paused and not self.closing:
+            self.transport.pause_reading()
+        self.paused |= reason
+        return 0
+
+    cdef int _resume(self, int reason) except -1:
+        if not self.paused & reason:
+            return 0
+        self.paused &= ~reason
+        if not self.paused and not self.closing and not self.closed:
+            self.transport.resume_reading()
+        return 0
+
+    cdef int _release(self, Exchange ex) except -1:
+        # The exchange no longer keeps its service busy.
+        cdef ServiceState service
+        if ex.counted:
+            ex.counted = False
+            service = ex.route.service
+            service.active -= 1
+            service.last_activity = now()
+        return 0
+
+    cdef int _exchange_done(self, Exchange ex, bint close) except -1:
+        if ex.route is not None:
+            ex.route.service.count_status(ex.status)
+        if self.settings.access_log:
+            access_logger.info(
+                "%s %s %s %d", self.peer.decode(), ex.method.decode("latin-1"),
+                ex.target.decode("latin-1"), ex.status,
+                extra={"service": ex.route.service.name if ex.route else None,
+                       "status": ex.status,
+                       "ms": round((now() - ex.started) * 1000, 3)
+                       if ex.started else None})
+        self._release(ex)
+        ex.upstream = None
+        self.current = None
+        if self.closed:
+            return 0
+        if not ex.complete or self.raw:
+            self._close_gracefully()
+        elif close or not ex.keep_alive or self.settings.draining:
+            self.closing = True
+            self.transport.close()
+        elif self.client_eof and not self.queue:
+            self.closing = True
+            self.transport.close()
+        else:
+            self.idle_since = now()
+            if self.queue:
+                self._next()
+            elif self.parsing is not None:
+                if self.parsing.pending_size <= PENDING_LIMIT:
+                    self._resume(PAUSE_BUFFER)
+            else:
+                self._resume(PAUSE_BUFFER)
+        return 0
+
+    cdef int _respond_error(self, Exchange ex, int status, str detail,
+                            bint close) except -1:
+        # A response made by the gateway itself: a short text naming the
+        # cause.
+        cdef bytes body = ("%d %s: %s\n" % (
+            status, REASONS.get(status, ""), detail)).encode()
+        cdef list head = [b"HTTP/1.1 %d %s\r\n" % (
+            status, REASONS.get(status, "").encode())]
+        close = close or not ex.complete or not ex.keep_alive or self.raw
+        head.append(b"Content-Type: text/plain; charset=utf-8\r\n")
+        head.append(b"Content-Length: %d\r\n" % len(body))
+        if status == 503:
+            head.append(b"Retry-After: 5\r\n")
+        if close:
+            head.append(b"Connection: close\r\n")
+        head.append(b"\r\n")
+        if not ex.is_head:
+            head.append(body)
+        ex.status = status
+        if status >= 500 and ex.route is not None:
+            logger.warning("%d for %s: %s", status,
+                           ex.route.service.name, detail,
+                           extra={"service": ex.route.service.name,
+                                  "status": status})
+        self.write(b"".join(head))
+        self._exchange_done(ex, close)
+        return 0
+
+    cdef int _upstream_failed(self, Exchange ex, int status,
+                              str detail) except -1:
+        # The upstream failed; answer if no response byte went out yet.
+        cdef Upstream upstream = ex.upstream
+        if upstream is not None:
+            upstream._detach()
+            upstream.transport.abort()
+            if upstream.head_forwarded:
+                ex.upstream = None
+                self._release(ex)
+                self.current = None
+                self.transport.close()
+                return 0
+        ex.upstream = None
+        self._respond_error(ex, status, detail, False)
+        return 0
+
+    cdef int _fatal(self, int status, str detail) except -1:
+        # The request stream cannot be parsed further: answer once the
+        # exchanges before it are done, then close.
+        cdef Exchange ex = Exchange()
+        self.broken = True
+        self.in_head = False
+        self.parsing = None
+        ex.error_status = status
+        ex.error_detail = detail
+        ex.method = b"-"
+        ex.target = b"-"
+        self.queue.append(ex)
+        if self.current is None:
+            self._next()
+        return 0
+
+    cdef int _close_gracefully(self) except -1:
+        # Answered before the whole request was read (RFC 9112 section
+        # 9.6): stop writing, keep discarding what the client still sends
+        # for a moment so it reads the answer instead of a reset.
+        if self.closing or self.closed:
+            return 0
+        self.closing = True
+        self.linger_until = now() + LINGER
+        if self.paused:
+            self.paused = 0
+            self.transport.resume_reading()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.transport.close()
+        return 0
+
+    cpdef check_timeouts(self, double t):
+        cdef Exchange ex = self.current
+        cdef Upstream upstream
+        cdef Settings settings = self.settings
+        if self.closed:
+            return
+        if self.closing:
+            if self.linger_until and t > self.linger_until:
+                self.transport.abort()
+            return
+        if self.in_head:
+            if t - self.head_started > settings.header_timeout:
+                self._fatal(408, "request head not received within %gs"
+                            % settings.header_timeout)
+            return
+        if ex is None:
+            if self.queue:
+                return
+            if self.parsing is not None:
+                return
+            if self.idle_since <= self.head_started:
+                # A new connection that has not sent a byte yet.
+                if t - self.head_started > settings.header_timeout:
+                    self.closing = True
+                    self.transport.close()
+            elif t - self.idle_since > settings.keepalive_timeout:
+                self.closing = True
+                self.transport.close()
+            return
+        upstream = ex.upstream
+        if upstream is None or self.tunnel or not ex.sent_all:
+            return
+        if t - upstream.last_activity > settings.upstream_timeout:
+            ex.route.service.upstream_errors += 1
+            self._upstream_failed(
+                ex, 504, "service '%s' sent nothing for %gs"
+                % (ex.route.service.name, settings.upstream_timeout))
+
+
+# ---------------------------------------------------------------------------
+# Upstream side
+
+
+cdef class Upstream:
+    """Protocol for one keep-alive connection to a backend."""
+
+    def __init__(self, Pool pool):
+        self.pool = pool
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.write = transport.write
+        transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
+        self.parser = HttpResponseParser(self)
+        self.last_activity = now()
+
+    def connection_lost(self, exc):
+        cdef Downstream downstream = self.downstream
+        cdef Exchange ex = self.ex
+        self.closed = True
+        if downstream is None:
+            self.pool.discard(self)
+            return
+        if self.tunnel:
+            self._detach()
+            downstream.transport.close()
+            return
+        if self.close_delimited and self.head_forwarded and not self.broken:
+            # A read-until-close body ends here (RFC 9112 section 6.3).
+            self.keep_alive = False
+            self.finished = True
+            if self.rechunk:
+                downstream.write(b"0\r\n\r\n")
+            self._complete()
+            return
+        if not self.got_bytes and self.uses > 1 and ex.tries == 0 and (
+                not ex.body_sent or ex.idempotent):
+            self._detach()
+            downstream._retry(ex)
+            return
+        ex.route.service.upstream_errors += 1
+        downstream._upstream_failed(
+            ex, 502, "upstream of service '%s' closed the connection %s" % (
+                ex.route.service.name,
+                "mid-response" if self.got_bytes else "before responding"))
+
+    def eof_received(self):
+        cdef Downstream downstream = self.downstream
+        if self.tunnel and downstream is not None:
+            self.eof = True
+            if downstream.client_eof:
+                downstream.transport.close()
+                return False
+            downstream.transport.write_eof()
+            return True
+        return False
+
+    def pause_writing(self):
+        if self.downstream is not None:
+            self.downstream._pause(PAUSE_UPSTREAM)
+
+    def resume_writing(self):
+        if self.downstream is not None:
+            self.downstream._resume(PAUSE_UPSTREAM)
+
+    cdef int _pause_reading(self) except -1:
+        if not self.reading_paused and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        return 0
+
+    cdef int _resume_reading(self) except -1:
+        if self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        return 0
+
+    cdef int _begin(self, Downstream downstream, Exchange ex) except -1:
+        self.downstream = downstream
+        self.ex = ex
+        self.uses += 1
+        self.got_bytes = False
+        self.head_forwarded = False
+        self.interim = False
+        self.finished = False
+        self.rechunk = False
+        self.close_delimited = False
+        self.close_client = False
+        self.last_activity = now()
+        return 0
+
+    cdef int _detach(self) except -1:
+        if self.downstream is not None:
+            self.downstream._resume(PAUSE_UPSTREAM)
+        self.downstream = None
+        self.ex = None
+        return 0
+
+    def data_received(self, bytes data):
+        cdef Downstream downstream = self.downstream
+        cdef list out
+        self.last_activity = now()
+        if downstream is None:
+            # Bytes on an idle pooled connection: the backend is confused.
+            self.broken = True
+            self.transport.close()
+            return
+        self.ex.route.service.bytes_out += len(data)
+        if self.tunnel:
+            downstream.write(data)
+            return
+        self.got_bytes = True
+        out = self.out = []
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            if self.tunnel:
+                extra = data[exc.args[0]:]
+                if extra:
+                    out.append(extra)
+            else:
+                self.broken = True
+        except HttpParserError as exc:
+            self.broken = True
+            logger.warning("malformed response from service %r: %s",
+                           self.pool.service.name, exc,
+                           extra={"service": self.pool.service.name})
+        if out:
+            downstream.write(out[0] if len(out) == 1 else b"".join(out))
+        if self.tunnel:
+            downstream.tunnel = True
+            self.ex.status = 101
+            return
+        if self.broken:
+            self.pool.service.upstream_errors += 1
+            downstream._upstream_failed(
+                self.ex, 502, "malformed response from service '%s'"
+                % self.pool.service.name)
+            return
+        if self.finished:
+            self._complete()
+
+    # -- parser callbacks ----------------------------------------------------
+
+    def on_message_begin(self):
+        self.reason = []
+        self.headers = []
+
+    def on_status(self, bytes reason):
+        self.reason.append(reason)
+
+    def on_header(self, bytes name, bytes value):
+        if self.headers is not None:
+            self.headers.append((name, value))
+
+    def on_headers_complete(self):
+        self._response_head()
+        self.headers = None
+
+    def on_body(self, bytes body):
+        if self.finished or self.interim:
+            # Bytes after a HEAD response's head: the backend is wrong.
+            self.broken = True
+            return
+        if self.rechunk:
+            self.out += [b"%x\r\n" % len(body), body, b"\r\n"]
+        else:
+            self.out.append(body)
+
+    def on_message_complete(self):
+        if self.interim:
+            self.interim = False
+            return
+        if self.finished:
+            return
+        self.keep_alive = self.parser.should_keep_alive()
+        if self.rechunk:
+            self.out.append(b"0\r\n\r\n")
+        self.finished = True
+
+    cdef int _response_head(self) except -1:
+        cdef Exchange ex = self.ex
+        cdef Downstream downstream = self.downstream
+        cdef int status = self.parser.get_status_code()
+        cdef bint no_body, has_length = False, close
+        cdef bytes name, value, lname
+        cdef list connection_tokens = None
+        cdef list out = self.out
+        self.status = status
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname == b"connection":
+                if connection_tokens is None:
+                    connection_tokens = []
+                for token in value.lower().split(b","):
+                    connection_tokens.append(token.strip())
+            elif lname == b"content-length":
+                has_length = True
+
+        if status < 200:
+            if status == 101:
+                if not ex.upgrade:
+                    self.broken = True
+                    return 0
+                self.tunnel = True
+                self.head_forwarded = True
+                out.append(b"HTTP/1.1 101 " + b"".join(self.reason) +
+                           b"\r\n")
+                for name, value in self.headers:
+                    lname = name.lower()
+                    if lname in (b"upgrade", b"connection") or (
+                            lname not in RESPONSE_DROP and
+                            (connection_tokens is None or
+                             lname not in connection_tokens)):
+                        out += [name, b": ", value, b"\r\n"]
+                out.append(b"\r\n")
+                return 0
+            # 100 Continue, 103 Early Hints: forwarded to HTTP/1.1 clients
+            # only (RFC 9110 section 15.2), then the real response follows.
+            self.interim = True
+            if not ex.http10:
+                self._write_head(status, connection_tokens, False, False)
+            return 0
+
+        no_body = ex.is_head or status == 204 or status == 304
+        close = (not ex.keep_alive or downstream.settings.draining or
+                 downstream.client_eof and not downstream.queue)
+        if not no_body and not has_length:
+            if ex.http10:
+                # No chunked coding for HTTP/1.0: the end of the body is
+                # the end of the connection.
+                close = True
+            else:
+                self.rechunk = True
+            self.close_delimited = not self._is_chunked()
+        if ex.upgrade or not ex.complete:
+            close = True
+        self.close_client = close
+        ex.status = status
+        self.head_forwarded = True
+        self._write_head(status, connection_tokens, close, self.rechunk)
+        if no_body:
+            # httptools cannot be told the response answers a HEAD request,
+            # so end the message here and parse the next one afresh.
+            self.keep_alive = self.parser.should_keep_alive()
+            self.finished = True
+            if ex.is_head:
+                self.new_parser = True
+        return 0
+
+    cdef bint _is_chunked(self) except -1:
+        cdef bytes name, value
+        for name, value in self.headers:
+            if name.lower() == b"transfer-encoding":
+                return True
+        return False
+
+    cdef int _write_head(self, int status, list connection_tokens, bint close,
+                         bint chunked) except -1:
+        cdef Exchange ex = self.ex
+        cdef list out = self.out
+        cdef bytes name, value, lname
+        out.append(b"HTTP/1.1 %d " % status + b"".join(self.reason) +
+                   b"\r\n")
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname in RESPONSE_DROP:
+                continue
+            if connection_tokens is not None and lname in connection_tokens:
+                continue
+            out += [name, b": ", value, b"\r\n"]
+        if chunked:
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        if status >= 200:
+            if close:
+                out.append(b"Connection: close\r\n")
+            elif ex.http10:
+                out.append(b"Connection: keep-alive\r\n")
+        out.append(b"\r\n")
+        return 0
+
+    cdef int _complete(self) except -1:
+        # The response is complete: release the connection and let the
+        # client connection move on.
+        cdef Downstream downstream = self.downstream
+        cdef Exchange ex = self.ex
+        cdef bint reuse = (self.keep_alive and ex.sent_all and
+                           not self.broken and not self.closed and
+                           not self.close_delimited and ex.route.service.online)
+        self._detach()
+        if self.new_parser:
+            self.new_parser = False
+            self.parser = HttpResponseParser(self)
+        if reuse:
+            self._resume_reading()
+            self.pool.put(self)
+        elif not self.closed:
+            self.transport.close()
+        downstream._exchange_done(ex, self.close_client)
+        return 0
