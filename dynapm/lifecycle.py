@@ -286,6 +286,10 @@ class Service:
         )
         self._went_offline()
         self._set_status(OFFLINE)
+        # Members of its process group may outlive the leader.
+        asyncio.get_running_loop().create_task(
+            process.stop(self.config.stop_timeout)
+        )
 
     def _begin_stop(self, reason: str) -> None:
         # Offline for the hot path at once; the stop itself runs in a task.
