@@ -178,9 +178,11 @@ def gateway(tmp_path):
     for gw in started:
         try:
             code = gw.stop()
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as err:
             gw.kill()
-            raise AssertionError("gateway did not exit after SIGTERM\n" + gw.log())
+            raise AssertionError(
+                "gateway did not exit after SIGTERM\n" + gw.log()
+            ) from err
         assert code == 0, gw.log()
         for port in gw.backend_ports:
             wait_for(lambda port=port: not port_open(port), timeout=10)

@@ -31,6 +31,10 @@ def ws_service(gateway, ports, tmp_path):
     backend = ports()
     dedicated = ports()
     starts = tmp_path / "starts.log"
+    command = (
+        f"echo start >> {starts}; "
+        f"exec {PYTHON} {WS_BACKEND} {backend} --boot-delay 0.2 --marks {tmp_path}"
+    )
     gw = gateway(
         f"""
         listen: {{listen}}
@@ -39,7 +43,7 @@ def ws_service(gateway, ports, tmp_path):
             upstream: http://127.0.0.1:{backend}
             hosts: [ws.test]
             ports: [{dedicated}]
-            run: echo start >> {starts}; exec {PYTHON} {WS_BACKEND} {backend} --boot-delay 0.2 --marks {tmp_path}
+            run: {command}
             idle_timeout: 1s
         """,
         backend_ports=[backend],

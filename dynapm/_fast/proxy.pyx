@@ -674,7 +674,6 @@ cdef class Downstream:
     def _retry(self, Exchange ex):
         # A reused connection closed before any response byte: replay the
         # request once on a fresh connection (RFC 9110 section 9.2.2).
-        cdef bytes piece
         ex.tries += 1
         ex.upstream = None
         ex.head_sent = False
@@ -1115,8 +1114,8 @@ cdef class Upstream:
         return 0
 
     cdef bint _is_chunked(self) except -1:
-        cdef bytes name, value
-        for name, value in self.headers:
+        cdef bytes name
+        for name, _ in self.headers:
             if name.lower() == b"transfer-encoding":
                 return True
         return False
