@@ -59,6 +59,8 @@ class Service:
         self._stop_task: asyncio.Task | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._online_since = 0.0
+        # Requests counted in state.active that wait in ensure_ready().
+        self.held = 0
         state.lifecycle = self
         if config.proxy_only:
             self.status = ONLINE
@@ -67,6 +69,18 @@ class Service:
     # -- public ------------------------------------------------------------
 
     async def ensure_ready(self) -> None:
+        """For a held request: return once the service is online; raise
+        StartError if it fails. Held requests are told apart from in-flight
+        ones so that a stop can wait for the latter only."""
+        if self.status == ONLINE:
+            return
+        self.held += 1
+        try:
+            await self.start()
+        finally:
+            self.held -= 1
+
+    async def start(self) -> None:
         """Return once the service is online; raise StartError if it fails."""
         while self.status != ONLINE:
             if self.status == STOPPING:
@@ -301,6 +315,11 @@ class Service:
         config = self.config
         begun = time.monotonic()
         logger.info("stopping", extra={"service": self.name, "reason": reason})
+        # Requests already sent to the service finish first (up to
+        # stop_timeout); the hot path keeps no callback for this, so look.
+        deadline = begun + config.stop_timeout
+        while self.state.active > self.held and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         try:
             if self.process is not None:
                 process, self.process = self.process, None

@@ -23,6 +23,11 @@ Endpoints (any method):
   /peer               JSON: the client address and port this request came from
   /hop                a response carrying hop-by-hop headers and one end-to-end
                       header (X-Kept) that a proxy must keep
+  /cut?size=N&framing=length|chunked|close&reset=0|1
+                      a response cut short: N body bytes of a body framed by a
+                      Content-Length of 2N, by chunks with no last chunk, or by
+                      the connection close; then the connection closes (with a
+                      TCP reset when reset=1)
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import hashlib
 import json
 import os
 import socket
+import struct
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -202,6 +208,33 @@ class Handler(BaseHTTPRequestHandler):
                     ("X-Kept", "yes"),
                 ],
             )
+        elif path == "/cut":
+            self._read_body()
+            framing = query.get("framing", "length")
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            if framing == "length":
+                self.send_header("Content-Length", str(2 * size))
+            elif framing == "chunked":
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            data = (bytes(range(256)) * (size // 256 + 1))[:size]
+            if framing == "chunked":
+                self._chunk(data)
+            else:
+                self.wfile.write(data)
+            self.wfile.flush()
+            self.close_connection = True
+            if query.get("reset") == "1":
+                # Linger 0: closing sends a reset instead of a FIN.
+                self.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                self.connection.close()
+            else:
+                self.connection.shutdown(socket.SHUT_WR)
         else:
             self._read_body()
             self._send(404, b"backend: no such path\n")
@@ -222,6 +255,8 @@ def main() -> None:
     Handler.name = args.name
     ThreadingHTTPServer.allow_reuse_address = True
     ThreadingHTTPServer.daemon_threads = True
+    # The default accept backlog of 5 makes bursts of connections wait.
+    ThreadingHTTPServer.request_queue_size = 128
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     print(f"{args.name} listening on {args.port} pid {os.getpid()}", flush=True)
