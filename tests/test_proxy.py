@@ -570,11 +570,6 @@ def test_hop_by_hop_request_headers_removed(proxy):
     assert ("X-Keep", "kept") in pairs
 
 
-@pytest.mark.xfail(
-    reason="BUG: a non-WebSocket Upgrade (h2c) is treated as an upgrade: Upgrade "
-    "is forwarded with Connection: upgrade instead of being removed",
-    strict=True,
-)
 def test_non_websocket_upgrade_header_removed(proxy):
     gw, _ = proxy()
     extra = (
@@ -603,11 +598,6 @@ def test_hop_by_hop_response_headers_removed(proxy):
     assert resp.get("X-Kept") == "yes"
 
 
-@pytest.mark.xfail(
-    reason="BUG: response Proxy-* headers other than Proxy-Authenticate/"
-    "-Authorization/-Connection are forwarded (RESPONSE_DROP has no prefix check)",
-    strict=True,
-)
 def test_any_proxy_prefixed_response_header_removed(proxy):
     gw, _ = proxy()
     with Client(gw.port) as client:
@@ -845,11 +835,6 @@ def test_large_download_to_slow_reader_uses_bounded_memory(proxy):
     assert growth_mib < 16, f"gateway RSS grew by {growth_mib:.1f} MiB"
 
 
-@pytest.mark.xfail(
-    reason="BUG: upstream_timeout fires while the gateway itself paused upstream "
-    "reads for a slow client; a healthy download is cut",
-    strict=True,
-)
 def test_slow_reader_is_not_an_upstream_timeout(proxy):
     gw, _ = proxy(limits={"upstream_timeout": "1s"})
     size = 32 * MIB
@@ -913,11 +898,6 @@ def test_malformed_request_gets_400_and_close(proxy, raw):
         assert client.closed_by_peer()
 
 
-@pytest.mark.xfail(
-    reason="BUG: a parse error inside a request body queues the 400 behind the "
-    "broken exchange, which waits upstream forever",
-    strict=True,
-)
 def test_malformed_chunked_body_gets_400_or_close_not_a_hang(proxy):
     gw, _ = proxy()
     with Client(gw.port, timeout=3) as client:
@@ -933,11 +913,6 @@ def test_malformed_chunked_body_gets_400_or_close_not_a_hang(proxy):
     assert gw.echo("app")["method"] == "GET"
 
 
-@pytest.mark.xfail(
-    reason="BUG: gateway-made answers (404...) ignore pause_writing; a pipelining "
-    "client that never reads grows the write buffer without bound",
-    strict=True,
-)
 def test_gateway_made_responses_respect_client_backpressure(proxy):
     gw, _ = proxy()
     pid = gw.process.pid
@@ -1004,11 +979,6 @@ def test_head_over_max_header_gets_431(proxy):
         assert client.closed_by_peer()
 
 
-@pytest.mark.xfail(
-    reason="BUG: max_header is not enforced inside one header line; httptools "
-    "buffers the value until its CRLF (DoS), the client gets 408 instead of 431",
-    strict=True,
-)
 def test_single_endless_header_line_gets_431_promptly(proxy):
     gw, _ = proxy(limits={"max_header": "4KiB", "header_timeout": "3s"})
     with Client(gw.port) as client:
@@ -1224,14 +1194,7 @@ def test_upstream_silent_after_response_started_closes_client(proxy):
     [
         "length",
         "chunked",
-        pytest.param(
-            "close",
-            marks=pytest.mark.xfail(
-                reason="BUG: an upstream reset ending a close-delimited body is "
-                "re-framed as a complete chunked response (exc ignored)",
-                strict=True,
-            ),
-        ),
+        "close",
     ],
 )
 def test_upstream_cut_mid_body_is_not_passed_off_as_complete(proxy, framing):
@@ -1253,11 +1216,6 @@ def test_upstream_cut_mid_body_is_not_passed_off_as_complete(proxy, framing):
         assert not rest.endswith(b"\r\n0\r\n\r\n"), rest[-32:]
 
 
-@pytest.mark.xfail(
-    reason="BUG: bytes after an Upgrade request head go upstream raw before any "
-    "101 (request smuggling past Host/X-Forwarded-For rewriting)",
-    strict=True,
-)
 def test_bytes_after_upgrade_request_not_forwarded_before_101(raw_upstream):
     gw, upstream = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     with Client(gw.port) as client:

@@ -77,6 +77,8 @@ cdef class Exchange:
     cdef list pending
     cdef Py_ssize_t pending_size
     cdef list retained
+    cdef list early
+    cdef Py_ssize_t early_size
     cdef Py_ssize_t retained_size
     cdef long long body_size
     cdef int error_status
@@ -105,6 +107,8 @@ cdef class Downstream:
     cdef Exchange parsing
     cdef Exchange current
     cdef Exchange upgrade_ex
+    cdef Exchange last_ex
+    cdef Py_ssize_t head_bytes
     cdef object queue
     cdef int paused
     cdef bint write_paused
@@ -118,6 +122,8 @@ cdef class Downstream:
 
     cdef int _finish_head(self) except -1
     cdef int _next(self) except -1
+    cdef int _after_feed(self) except -1
+    cdef int _parse_failed(self, str detail) except -1
     cdef int _begin(self, Exchange ex) except -1
     cdef int _dispatch(self, Exchange ex, bint fresh) except -1
     cdef int _attach(self, Exchange ex, Upstream upstream) except -1

@@ -273,8 +273,13 @@ cdef class Downstream:
 
     def resume_writing(self):
         self.write_paused = False
-        if self.current is not None and self.current.upstream is not None:
-            self.current.upstream._resume_reading()
+        if self.current is not None:
+            if self.current.upstream is not None:
+                self.current.upstream._resume_reading()
+        elif self.queue and not self.closing:
+            self._next()
+            if not self.queue and self.current is None:
+                self._resume(PAUSE_BUFFER)
 
     def eof_received(self):
         cdef Exchange ex = self.current
@@ -304,16 +309,18 @@ cdef class Downstream:
         if self.closing:
             return
         if self.raw:
-            # Upgrade requested: what follows the head belongs to the tunnel.
+            # After a WebSocket upgrade request the bytes belong to the
+            # tunnel; until the upstream answers 101 they are only held, so
+            # nothing unparsed ever reaches the backend as a request.
             ex = self.upgrade_ex
             if self.tunnel and ex.upstream is not None:
                 ex.upstream.write(data)
                 return
-            ex.pending.append(data)
-            ex.pending_size += len(data)
-            if ex is self.current and ex.upstream is not None:
-                self._flush(ex)
-            elif ex.pending_size > PENDING_LIMIT:
+            if ex.early is None:
+                ex.early = []
+            ex.early.append(data)
+            ex.early_size += len(data)
+            if ex.early_size > PENDING_LIMIT:
                 self._pause(PAUSE_BUFFER)
             return
         if self.broken:
@@ -322,13 +329,22 @@ cdef class Downstream:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
             self._on_upgrade(data, exc.args[0])
+            return
         except HttpParserError as exc:
-            self._fatal(400, "malformed request: %s" % (exc,))
+            self._parse_failed("malformed request: %s" % (exc,))
             return
-        if self.in_head and self.head_size > self.settings.max_header:
-            self._fatal(431, "request head larger than %d bytes"
-                        % self.settings.max_header)
-            return
+        if self.in_head:
+            # httptools reports a header only once its line is complete, so
+            # an endless line is caught by counting the raw bytes.
+            self.head_bytes += len(data)
+            if self.head_bytes > self.settings.max_header + 1024 or \
+                    self.head_size > self.settings.max_header:
+                self._fatal(431, "request head larger than %d bytes"
+                            % self.settings.max_header)
+                return
+        self._after_feed()
+
+    cdef int _after_feed(self) except -1:
         if self.current is None:
             self._next()
         elif self.current.upstream is not None and self.current.pending:
@@ -336,22 +352,70 @@ cdef class Downstream:
         if self.queue or (self.parsing is not None and
                           self.parsing.pending_size > PENDING_LIMIT):
             self._pause(PAUSE_BUFFER)
+        return 0
 
     def _on_upgrade(self, bytes data, Py_ssize_t offset):
-        # httptools stops at the end of an upgrade request's head; the
-        # offset is into this call's buffer and the parser is done for good.
-        cdef Exchange ex = self.upgrade_ex
-        self.raw = True
-        if ex is None:
-            # The head was refused (404, 413...): nothing to tunnel.
+        # httptools stops after an upgrade request (any Upgrade header with
+        # a Connection: upgrade token, or CONNECT); the offset is into this
+        # call's buffer and this parser is done for good.
+        cdef Exchange ex = self.last_ex
+        cdef bytes extra = data[offset:]
+        if ex is not None and ex.upgrade:
+            self.raw = True
+            self.upgrade_ex = ex
+            if extra:
+                ex.early = [extra]
+                ex.early_size = len(extra)
+            self._after_feed()
+        elif ex is None or ex.method == b"CONNECT":
+            # What follows a CONNECT is not HTTP: answer and close.
             self.broken = True
-            return
-        extra = data[offset:]
-        if extra:
-            ex.pending.append(extra)
-            ex.pending_size += len(extra)
-        if self.current is None:
-            self._next()
+            self._after_feed()
+        else:
+            # Not a WebSocket upgrade (h2c...): it was forwarded as a plain
+            # request without Upgrade, so HTTP/1.1 goes on with a new parser.
+            self.parser = HttpRequestParser(self)
+            if extra:
+                self.data_received(extra)
+            else:
+                self._after_feed()
+
+    def _tunnel_open(self):
+        # The upstream answered 101: bytes held since the request flow now.
+        cdef Exchange ex = self.upgrade_ex
+        self.tunnel = True
+        if ex.early:
+            ex.upstream.write(b"".join(ex.early))
+            ex.early = None
+            ex.early_size = 0
+        self._resume(PAUSE_BUFFER)
+
+    cdef int _parse_failed(self, str detail) except -1:
+        # A request the parser rejects. If it is the exchange being
+        # forwarded (a bad chunk in its body), that exchange ends now:
+        # 400 if no response byte went out, else the connection closes.
+        cdef Exchange ex = self.parsing
+        cdef Upstream upstream
+        if ex is None or ex is not self.current:
+            if ex is not None and self.queue and self.queue[-1] is ex:
+                # Not begun yet: it is never forwarded at all.
+                self.queue.pop()
+            self._fatal(400, detail)
+            return 0
+        self.broken = True
+        self.parsing = None
+        upstream = ex.upstream
+        if upstream is not None:
+            upstream._detach()
+            upstream.transport.abort()
+            ex.upstream = None
+            if upstream.head_forwarded:
+                self._release(ex)
+                self.current = None
+                self.transport.abort()
+                return 0
+        self._respond_error(ex, 400, detail, True)
+        return 0
 
     # -- parser callbacks (httptools looks them up by name) ---------------
 
@@ -362,6 +426,7 @@ cdef class Downstream:
         ex = Exchange()
         self.parsing = ex
         self.in_head = True
+        self.head_bytes = 0
         self.url_parts = []
         self.headers = []
         self.head_size = 0
@@ -429,6 +494,7 @@ cdef class Downstream:
         cdef Settings settings = self.settings
         cdef Route route
         cdef bytes name, value, lname, host = None, te = None
+        cdef bytes upgrade = None
         cdef int hosts = 0
         cdef long long length = -1
         cdef list connection_tokens = None
@@ -468,6 +534,8 @@ cdef class Downstream:
                 if forwarded_for is None:
                     forwarded_for = []
                 forwarded_for.append(value)
+            elif lname == b"upgrade":
+                upgrade = value.lower()
 
         if hosts > 1:
             self._fatal(400, "more than one Host header")
@@ -484,7 +552,11 @@ cdef class Downstream:
         if method == b"CONNECT":
             ex.error_status = 405
             ex.error_detail = "CONNECT is not supported"
-        ex.upgrade = parser.should_upgrade() and method != b"CONNECT"
+        # Only a WebSocket upgrade becomes a tunnel; other Upgrade headers
+        # (h2c...) are hop-by-hop and dropped (RFC 9110 section 7.8).
+        ex.upgrade = (upgrade is not None and b"websocket" in upgrade and
+                      method != b"CONNECT" and parser.should_upgrade())
+        self.last_ex = ex
 
         route = self.fixed_route
         if route is None:
@@ -528,8 +600,6 @@ cdef class Downstream:
             parts += [b"X-Forwarded-Host: ", host, b"\r\n"]
         parts.append(b"X-Forwarded-Proto: http\r\n\r\n")
         ex.head = b"".join(parts)
-        if ex.upgrade:
-            self.upgrade_ex = ex
         self.queue.append(ex)
         return 0
 
@@ -537,7 +607,9 @@ cdef class Downstream:
 
     cdef int _next(self) except -1:
         cdef Exchange ex
-        if self.queue:
+        # While the client does not read, answers wait in the queue (and
+        # reading pauses) instead of piling up in the write buffer.
+        if self.queue and not self.write_paused:
             ex = self.queue.popleft()
             self._begin(ex)
         return 0
@@ -648,7 +720,7 @@ cdef class Downstream:
             ex.route.service.bytes_in += ex.pending_size
             ex.pending_size = 0
             ex.body_sent = True
-            if ex.idempotent and not self.raw:
+            if ex.idempotent:
                 # Kept so the request can be replayed on a fresh connection.
                 if ex.retained_size + len(body) <= RETAIN_LIMIT:
                     if ex.retained is None:
@@ -663,7 +735,7 @@ cdef class Downstream:
             upstream.write(ex.head if body is None else ex.head + body)
         elif body is not None:
             upstream.write(body)
-        if ex.complete and not ex.sent_all and not self.raw:
+        if ex.complete and not ex.sent_all:
             ex.sent_all = True
             ex.sent_at = now()
             upstream.last_activity = ex.sent_at
@@ -728,7 +800,8 @@ cdef class Downstream:
             return 0
         if not ex.complete or self.raw:
             self._close_gracefully()
-        elif close or not ex.keep_alive or self.settings.draining:
+        elif (close or not ex.keep_alive or self.settings.draining or
+                self.broken and not self.queue):
             self.closing = True
             self.transport.close()
         elif self.client_eof and not self.queue:
@@ -738,6 +811,8 @@ cdef class Downstream:
             self.idle_since = now()
             if self.queue:
                 self._next()
+                if self.queue:
+                    self._pause(PAUSE_BUFFER)
             elif self.parsing is not None:
                 if self.parsing.pending_size <= PENDING_LIMIT:
                     self._resume(PAUSE_BUFFER)
@@ -853,7 +928,9 @@ cdef class Downstream:
                 self.transport.close()
             return
         upstream = ex.upstream
-        if upstream is None or self.tunnel or not ex.sent_all:
+        if (upstream is None or self.tunnel or not ex.sent_all or
+                upstream.reading_paused):
+            # Paused reading means the client is slow, not the upstream.
             return
         if t - upstream.last_activity > settings.upstream_timeout:
             ex.route.service.upstream_errors += 1
@@ -890,7 +967,8 @@ cdef class Upstream:
             self._detach()
             downstream.transport.close()
             return
-        if self.close_delimited and self.head_forwarded and not self.broken:
+        if (self.close_delimited and self.head_forwarded and
+                not self.broken and exc is None):
             # A read-until-close body ends here (RFC 9112 section 6.3).
             self.keep_alive = False
             self.finished = True
@@ -937,6 +1015,7 @@ cdef class Upstream:
     cdef int _resume_reading(self) except -1:
         if self.reading_paused and not self.closed:
             self.reading_paused = False
+            self.last_activity = now()
             self.transport.resume_reading()
         return 0
 
@@ -993,8 +1072,8 @@ cdef class Upstream:
         if out:
             downstream.write(out[0] if len(out) == 1 else b"".join(out))
         if self.tunnel:
-            downstream.tunnel = True
             self.ex.status = 101
+            downstream._tunnel_open()
             return
         if self.broken:
             self.pool.service.upstream_errors += 1
@@ -1129,7 +1208,7 @@ cdef class Upstream:
                    b"\r\n")
         for name, value in self.headers:
             lname = name.lower()
-            if lname in RESPONSE_DROP:
+            if lname in RESPONSE_DROP or lname.startswith(b"proxy-"):
                 continue
             if connection_tokens is not None and lname in connection_tokens:
                 continue
