@@ -5,6 +5,11 @@ from setuptools import Extension, setup
 
 extensions = [
     Extension(
+        "dynapm._fast.heads",
+        ["dynapm/_fast/heads.pyx"],
+        extra_compile_args=["-O2"],
+    ),
+    Extension(
         "dynapm._fast.proxy",
         ["dynapm/_fast/proxy.pyx"],
         extra_compile_args=["-O2"],

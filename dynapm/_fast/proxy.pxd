@@ -101,9 +101,18 @@ cdef class Downstream:
     cdef bint in_head
     cdef double head_started
     cdef double idle_since
-    cdef list url_parts
-    cdef list headers
+    cdef bytes forwarded_line
     cdef Py_ssize_t head_size
+    # The request head being parsed.
+    cdef bytes target
+    cdef list parts
+    cdef bytes host
+    cdef int hosts
+    cdef bytes te
+    cdef long long length
+    cdef bytes connection
+    cdef bytes upgrade
+    cdef list forwarded_for
     cdef Exchange parsing
     cdef Exchange current
     cdef Exchange upgrade_ex
@@ -149,9 +158,10 @@ cdef class Upstream:
     cdef Downstream downstream
     cdef Exchange ex
     cdef list out
-    cdef list reason
-    cdef list headers
-    cdef int status
+    cdef bytes buf
+    cdef bytes carry
+    cdef Py_ssize_t scan
+    cdef bint in_head
     cdef bint interim
     cdef bint got_bytes
     cdef bint head_forwarded
@@ -171,10 +181,7 @@ cdef class Upstream:
 
     cdef int _begin(self, Downstream downstream, Exchange ex) except -1
     cdef int _detach(self) except -1
-    cdef int _response_head(self) except -1
-    cdef bint _is_chunked(self) except -1
-    cdef int _write_head(self, int status, list connection_tokens, bint close,
-                         bint chunked) except -1
+    cdef int _response_head(self, bytes head) except -1
     cdef int _complete(self) except -1
     cdef int _pause_reading(self) except -1
     cdef int _resume_reading(self) except -1

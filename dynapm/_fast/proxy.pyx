@@ -17,6 +17,23 @@ from httptools.parser.errors import HttpParserError, HttpParserUpgrade
 
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
+from cpython.bytes cimport PyBytes_AS_STRING
+
+from dynapm._fast.heads cimport (
+    HEADER_CONNECTION,
+    HEADER_CONTENT_LENGTH,
+    HEADER_HOST,
+    HEADER_OTHER,
+    HEADER_TRANSFER_ENCODING,
+    HEADER_UPGRADE,
+    HEADER_X_FORWARDED_FOR,
+    ResponseInfo,
+    connection_names_others,
+    connection_tokens,
+    header_kind,
+    rewrite_response,
+    scan_response,
+)
 from dynapm.errors import StartError
 
 access_logger = logging.getLogger("dynapm.access")
@@ -34,6 +51,9 @@ DEF PENDING_LIMIT = 64 * 1024
 DEF RETAIN_LIMIT = 1024 * 1024
 # How long a closing connection keeps draining the client's unread body.
 DEF LINGER = 2.0
+
+# A response head longer than this is refused (502).
+DEF MAX_RESPONSE_HEAD = 256 * 1024
 
 # Reasons to stop reading from a client; reading resumes when none is left.
 DEF PAUSE_UPSTREAM = 1
@@ -53,16 +73,16 @@ REASONS = {
 
 # Request headers never forwarded as they are (RFC 9110 section 7.6.1), plus
 # the forwarding headers this gateway sets itself.
-cdef frozenset REQUEST_DROP = frozenset([
-    b"connection", b"keep-alive", b"te", b"trailer", b"upgrade",
-    b"proxy-connection", b"proxy-authorization", b"proxy-authenticate",
-    b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"host",
-])
-cdef frozenset RESPONSE_DROP = frozenset([
-    b"connection", b"keep-alive", b"te", b"trailer", b"upgrade",
-    b"transfer-encoding", b"proxy-connection", b"proxy-authenticate",
-    b"proxy-authorization",
-])
+# What ends a response head, by [re-chunked * 3 + connection]:
+# connection 0 = keep-alive implied, 1 = close, 2 = keep-alive for HTTP/1.0.
+cdef tuple TAILS = (
+    b"\r\n",
+    b"Connection: close\r\n\r\n",
+    b"Connection: keep-alive\r\n\r\n",
+    b"Transfer-Encoding: chunked\r\n\r\n",
+    b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+    b"Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n",
+)
 cdef frozenset IDEMPOTENT = frozenset([
     b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE",
 ])
@@ -243,6 +263,7 @@ cdef class Downstream:
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0].encode() if peer else b"unknown"
+        self.forwarded_line = b"X-Forwarded-For: " + self.peer + b"\r\n"
         self.parser = HttpRequestParser(self)
         self.head_started = self.idle_since = now()
         self.settings.connections.add(self)
@@ -427,22 +448,61 @@ cdef class Downstream:
         self.parsing = ex
         self.in_head = True
         self.head_bytes = 0
-        self.url_parts = []
-        self.headers = []
         self.head_size = 0
+        self.target = None
+        # The outgoing head, built as headers arrive; the request line and
+        # Host slots (0, 2, 4) are filled in at the end of the head.
+        self.parts = [None, b" ", None, b" HTTP/1.1\r\nHost: ", None,
+                      b"\r\n"]
+        self.host = None
+        self.hosts = 0
+        self.te = None
+        self.length = -1
+        self.connection = None
+        self.upgrade = None
+        self.forwarded_for = None
         if self.current is not None or self.queue:
             self.head_started = now()
         elif self.idle_since > self.head_started:
             self.head_started = now()
 
     def on_url(self, bytes url):
-        self.url_parts.append(url)
+        self.target = url if self.target is None else self.target + url
         self.head_size += len(url)
 
     def on_header(self, bytes name, bytes value):
-        if self.in_head:
-            self.headers.append((name, value))
-            self.head_size += len(name) + len(value) + 4
+        cdef int kind
+        cdef list parts
+        if not self.in_head:
+            # Trailers after a chunked body are not forwarded.
+            return
+        self.head_size += len(name) + len(value) + 4
+        kind = header_kind(PyBytes_AS_STRING(name), len(name))
+        if kind == HEADER_OTHER or kind == HEADER_CONTENT_LENGTH or \
+                kind == HEADER_TRANSFER_ENCODING:
+            parts = self.parts
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
+            if kind == HEADER_CONTENT_LENGTH:
+                self.length = int(value)
+            elif kind == HEADER_TRANSFER_ENCODING:
+                self.te = value if self.te is None else self.te + b"," + value
+        elif kind == HEADER_HOST:
+            self.hosts += 1
+            self.host = value
+        elif kind == HEADER_CONNECTION:
+            self.connection = (value if self.connection is None
+                               else self.connection + b"," + value)
+        elif kind == HEADER_UPGRADE:
+            self.upgrade = value
+        elif kind == HEADER_X_FORWARDED_FOR:
+            if self.forwarded_for is None:
+                self.forwarded_for = []
+            self.forwarded_for.append(value)
+        # Anything else is hop-by-hop (RFC 9110 section 7.6.1) or a
+        # forwarding header this gateway sets itself: dropped.
 
     def on_headers_complete(self):
         self._finish_head()
@@ -493,13 +553,8 @@ cdef class Downstream:
         cdef Exchange ex = self.parsing
         cdef Settings settings = self.settings
         cdef Route route
-        cdef bytes name, value, lname, host = None, te = None
-        cdef bytes upgrade = None
-        cdef int hosts = 0
-        cdef long long length = -1
-        cdef list connection_tokens = None
-        cdef list forwarded_for = None
-        cdef list parts
+        cdef bytes host = self.host
+        cdef list parts = self.parts
         self.in_head = False
         if ex is None or self.broken:
             return 0
@@ -514,39 +569,18 @@ cdef class Downstream:
         ex.http10 = parser.get_http_version() != "1.1"
         ex.keep_alive = parser.should_keep_alive()
         ex.idempotent = method in IDEMPOTENT
-        ex.target = b"".join(self.url_parts)
+        ex.target = self.target if self.target is not None else b""
 
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname == b"host":
-                hosts += 1
-                host = value
-            elif lname == b"connection":
-                if connection_tokens is None:
-                    connection_tokens = []
-                for token in value.lower().split(b","):
-                    connection_tokens.append(token.strip())
-            elif lname == b"transfer-encoding":
-                te = value if te is None else te + b"," + value
-            elif lname == b"content-length":
-                length = int(value)
-            elif lname == b"x-forwarded-for":
-                if forwarded_for is None:
-                    forwarded_for = []
-                forwarded_for.append(value)
-            elif lname == b"upgrade":
-                upgrade = value.lower()
-
-        if hosts > 1:
+        if self.hosts > 1:
             self._fatal(400, "more than one Host header")
             return 0
-        if hosts == 0 and not ex.http10:
+        if self.hosts == 0 and not ex.http10:
             self._fatal(400, "missing Host header")
             return 0
-        if te is not None:
-            if te.strip().lower() != b"chunked":
+        if self.te is not None:
+            if self.te.strip().lower() != b"chunked":
                 self._fatal(400, "unsupported Transfer-Encoding %r"
-                            % te.decode("latin-1"))
+                            % self.te.decode("latin-1"))
                 return 0
             ex.chunked = True
         if method == b"CONNECT":
@@ -554,7 +588,8 @@ cdef class Downstream:
             ex.error_detail = "CONNECT is not supported"
         # Only a WebSocket upgrade becomes a tunnel; other Upgrade headers
         # (h2c...) are hop-by-hop and dropped (RFC 9110 section 7.8).
-        ex.upgrade = (upgrade is not None and b"websocket" in upgrade and
+        ex.upgrade = (self.upgrade is not None and
+                      b"websocket" in self.upgrade.lower() and
                       method != b"CONNECT" and parser.should_upgrade())
         self.last_ex = ex
 
@@ -568,40 +603,45 @@ cdef class Downstream:
                 self.queue.append(ex)
                 return 0
         ex.route = route
-        if length > settings.max_body:
+        if self.length > settings.max_body:
             ex.error_status = 413
             ex.error_detail = "request body larger than %d bytes" % (
                 settings.max_body,)
             self.queue.append(ex)
             return 0
 
-        parts = [method, b" ", ex.target, b" HTTP/1.1\r\nHost: ",
-                 host if route.preserve_host and host else route.host_header,
-                 b"\r\n"]
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname in REQUEST_DROP:
-                if lname == b"upgrade" and ex.upgrade:
-                    parts += [name, b": ", value, b"\r\n"]
-                continue
-            if connection_tokens is not None and lname in connection_tokens:
-                continue
-            if lname.startswith(b"proxy-"):
-                continue
-            parts += [name, b": ", value, b"\r\n"]
+        if self.connection is not None and \
+                connection_names_others(self.connection):
+            parts = self._without_named(parts)
+        parts[0] = method
+        parts[2] = ex.target
+        parts[4] = host if route.preserve_host and host else route.host_header
         if ex.upgrade:
-            parts.append(b"Connection: upgrade\r\n")
-        if forwarded_for is None:
-            parts += [b"X-Forwarded-For: ", self.peer, b"\r\n"]
+            parts += [b"Upgrade: ", self.upgrade,
+                      b"\r\nConnection: upgrade\r\n"]
+        if self.forwarded_for is None:
+            parts.append(self.forwarded_line)
         else:
-            parts += [b"X-Forwarded-For: ", b", ".join(forwarded_for),
+            parts += [b"X-Forwarded-For: ", b", ".join(self.forwarded_for),
                       b", ", self.peer, b"\r\n"]
         if host is not None:
-            parts += [b"X-Forwarded-Host: ", host, b"\r\n"]
-        parts.append(b"X-Forwarded-Proto: http\r\n\r\n")
+            parts += [b"X-Forwarded-Host: ", host,
+                      b"\r\nX-Forwarded-Proto: http\r\n\r\n"]
+        else:
+            parts.append(b"X-Forwarded-Proto: http\r\n\r\n")
         ex.head = b"".join(parts)
         self.queue.append(ex)
         return 0
+
+    def _without_named(self, list parts):
+        # Slow path: drop the headers the Connection header names.
+        cdef set named = connection_tokens(self.connection)
+        cdef list kept = parts[:6]
+        cdef Py_ssize_t i
+        for i in range(6, len(parts), 4):
+            if parts[i].lower() not in named:
+                kept += parts[i:i + 4]
+        return kept
 
     # -- exchanges ---------------------------------------------------------
 
@@ -1022,6 +1062,9 @@ cdef class Upstream:
     cdef int _begin(self, Downstream downstream, Exchange ex) except -1:
         self.downstream = downstream
         self.ex = ex
+        self.in_head = True
+        self.scan = 0
+        self.carry = None
         self.uses += 1
         self.got_bytes = False
         self.head_forwarded = False
@@ -1055,6 +1098,14 @@ cdef class Upstream:
             return
         self.got_bytes = True
         out = self.out = []
+        if self.in_head:
+            # The head is read from the raw bytes (see on_headers_complete);
+            # a head split over reads is carried until it is complete.
+            if self.carry is not None:
+                self.buf = self.carry + data
+                self.carry = None
+            else:
+                self.buf = data
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -1069,6 +1120,12 @@ cdef class Upstream:
             logger.warning("malformed response from service %r: %s",
                            self.pool.service.name, exc,
                            extra={"service": self.pool.service.name})
+        if self.in_head:
+            self.carry = self.buf[self.scan:]
+            self.scan = 0
+            if len(self.carry) > MAX_RESPONSE_HEAD:
+                self.broken = True
+        self.buf = None
         if out:
             downstream.write(out[0] if len(out) == 1 else b"".join(out))
         if self.tunnel:
@@ -1085,21 +1142,15 @@ cdef class Upstream:
             self._complete()
 
     # -- parser callbacks ----------------------------------------------------
-
-    def on_message_begin(self):
-        self.reason = []
-        self.headers = []
-
-    def on_status(self, bytes reason):
-        self.reason.append(reason)
-
-    def on_header(self, bytes name, bytes value):
-        if self.headers is not None:
-            self.headers.append((name, value))
+    # Only these are defined, so httptools does no per-header work at all:
+    # the head is taken from the raw bytes it has just validated.
 
     def on_headers_complete(self):
-        self._response_head()
-        self.headers = None
+        cdef bytes buf = self.buf
+        cdef Py_ssize_t end = buf.find(b"\r\n\r\n", self.scan) + 4
+        cdef bytes head = buf[self.scan:end]
+        self.scan = end
+        self._response_head(head)
 
     def on_body(self, bytes body):
         if self.finished or self.interim:
@@ -1122,24 +1173,16 @@ cdef class Upstream:
             self.out.append(b"0\r\n\r\n")
         self.finished = True
 
-    cdef int _response_head(self) except -1:
+    cdef int _response_head(self, bytes head) except -1:
         cdef Exchange ex = self.ex
         cdef Downstream downstream = self.downstream
         cdef int status = self.parser.get_status_code()
-        cdef bint no_body, has_length = False, close
-        cdef bytes name, value, lname
-        cdef list connection_tokens = None
-        cdef list out = self.out
-        self.status = status
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname == b"connection":
-                if connection_tokens is None:
-                    connection_tokens = []
-                for token in value.lower().split(b","):
-                    connection_tokens.append(token.strip())
-            elif lname == b"content-length":
-                has_length = True
+        cdef bint no_body, close
+        cdef ResponseInfo info
+        cdef object drop = None
+        scan_response(head, &info)
+        if info.names_others:
+            drop = self._named_by_connection(head)
 
         if status < 200:
             if status == 101:
@@ -1147,42 +1190,38 @@ cdef class Upstream:
                     self.broken = True
                     return 0
                 self.tunnel = True
+                self.in_head = False
                 self.head_forwarded = True
-                out.append(b"HTTP/1.1 101 " + b"".join(self.reason) +
-                           b"\r\n")
-                for name, value in self.headers:
-                    lname = name.lower()
-                    if lname in (b"upgrade", b"connection") or (
-                            lname not in RESPONSE_DROP and
-                            (connection_tokens is None or
-                             lname not in connection_tokens)):
-                        out += [name, b": ", value, b"\r\n"]
-                out.append(b"\r\n")
+                self.out.append(rewrite_response(head, True, b"\r\n", drop))
                 return 0
             # 100 Continue, 103 Early Hints: forwarded to HTTP/1.1 clients
             # only (RFC 9110 section 15.2), then the real response follows.
             self.interim = True
             if not ex.http10:
-                self._write_head(status, connection_tokens, False, False)
+                self.out.append(rewrite_response(head, False, b"\r\n", drop))
             return 0
 
+        self.in_head = False
         no_body = ex.is_head or status == 204 or status == 304
         close = (not ex.keep_alive or downstream.settings.draining or
                  downstream.client_eof and not downstream.queue)
-        if not no_body and not has_length:
+        if not no_body and not info.has_length:
             if ex.http10:
                 # No chunked coding for HTTP/1.0: the end of the body is
                 # the end of the connection.
                 close = True
             else:
                 self.rechunk = True
-            self.close_delimited = not self._is_chunked()
+            self.close_delimited = not info.chunked
         if ex.upgrade or not ex.complete:
             close = True
         self.close_client = close
         ex.status = status
         self.head_forwarded = True
-        self._write_head(status, connection_tokens, close, self.rechunk)
+        self.out.append(rewrite_response(
+            head, False, TAILS[self.rechunk * 3 +
+                               (1 if close else 2 if ex.http10 else 0)],
+            drop))
         if no_body:
             # httptools cannot be told the response answers a HEAD request,
             # so end the message here and parse the next one afresh.
@@ -1192,36 +1231,14 @@ cdef class Upstream:
                 self.new_parser = True
         return 0
 
-    cdef bint _is_chunked(self) except -1:
-        cdef bytes name
-        for name, _ in self.headers:
-            if name.lower() == b"transfer-encoding":
-                return True
-        return False
-
-    cdef int _write_head(self, int status, list connection_tokens, bint close,
-                         bint chunked) except -1:
-        cdef Exchange ex = self.ex
-        cdef list out = self.out
-        cdef bytes name, value, lname
-        out.append(b"HTTP/1.1 %d " % status + b"".join(self.reason) +
-                   b"\r\n")
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname in RESPONSE_DROP or lname.startswith(b"proxy-"):
-                continue
-            if connection_tokens is not None and lname in connection_tokens:
-                continue
-            out += [name, b": ", value, b"\r\n"]
-        if chunked:
-            out.append(b"Transfer-Encoding: chunked\r\n")
-        if status >= 200:
-            if close:
-                out.append(b"Connection: close\r\n")
-            elif ex.http10:
-                out.append(b"Connection: keep-alive\r\n")
-        out.append(b"\r\n")
-        return 0
+    def _named_by_connection(self, bytes head):
+        # Slow path: header names listed in the Connection header.
+        cdef set names = set()
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.lower() == b"connection":
+                names |= connection_tokens(value)
+        return names
 
     cdef int _complete(self) except -1:
         # The response is complete: release the connection and let the

@@ -1,0 +1,32 @@
+# Header classification and response head rewriting in C, for proxy.pyx.
+
+cdef enum:
+    HEADER_OTHER = 0
+    HEADER_CONNECTION = 1
+    HEADER_KEEP_ALIVE = 2
+    HEADER_TE = 3
+    HEADER_TRAILER = 4
+    HEADER_UPGRADE = 5
+    HEADER_TRANSFER_ENCODING = 6
+    HEADER_PROXY = 7
+    HEADER_CONTENT_LENGTH = 8
+    HEADER_HOST = 9
+    HEADER_X_FORWARDED_FOR = 10
+    HEADER_X_FORWARDED_HOST = 11
+    HEADER_X_FORWARDED_PROTO = 12
+
+
+cdef struct ResponseInfo:
+    bint has_length
+    bint chunked
+    # The Connection header names headers beyond close/keep-alive/upgrade,
+    # which must be dropped as well (RFC 9110 section 7.6.1).
+    bint names_others
+
+
+cdef int header_kind(const char *name, Py_ssize_t length) noexcept nogil
+cdef bint connection_names_others(bytes value) except -1
+cdef int scan_response(bytes head, ResponseInfo *info) except -1
+cdef bytes rewrite_response(bytes head, bint keep_upgrade, bytes tail,
+                            object drop)
+cdef set connection_tokens(bytes value)
