@@ -1067,11 +1067,11 @@ def test_half_sent_head_gets_408_or_close_within_header_timeout(proxy):
     with Client(gw.port) as client:
         started = time.monotonic()
         client.send(b"GET /echo HTTP/1.1\r\nHost: app\r\n")
-        client.sock.settimeout(3)
+        client.sock.settimeout(5)
         data = client.file.read()
         elapsed = time.monotonic() - started
     assert data == b"" or data.startswith(b"HTTP/1.1 408 "), data
-    assert 0.4 < elapsed < 2, elapsed
+    assert 0.4 < elapsed < 3, elapsed
 
 
 def test_silent_new_connection_closed_after_header_timeout(proxy):

@@ -26,6 +26,7 @@ cdef struct ResponseInfo:
 
 cdef int header_kind(const char *name, Py_ssize_t length) noexcept nogil
 cdef bint connection_names_others(bytes value) except -1
+cdef Py_ssize_t head_end(bytes data, Py_ssize_t start) except -1
 cdef int scan_response(bytes head, ResponseInfo *info) except -1
 cdef bytes rewrite_response(bytes head, bint keep_upgrade, bytes tail,
                             object drop)

@@ -105,6 +105,19 @@ cdef inline Py_ssize_t find(const char *p, Py_ssize_t start, Py_ssize_t end,
     return hit - p
 
 
+cdef Py_ssize_t head_end(bytes data, Py_ssize_t start) except -1:
+    # Offset just past the CRLFCRLF that ends the head beginning at start.
+    cdef const char *p = PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = len(data), i = start
+    while True:
+        i = find(p, i, n, 13)
+        if i + 3 >= n:
+            raise ValueError("no end of head")
+        if p[i + 1] == 10 and p[i + 2] == 13 and p[i + 3] == 10:
+            return i + 4
+        i += 1
+
+
 cdef int scan_response(bytes head, ResponseInfo *info) except -1:
     cdef const char *p = PyBytes_AS_STRING(head)
     cdef Py_ssize_t n = len(head), i, colon, eol, value

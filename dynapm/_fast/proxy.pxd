@@ -113,6 +113,14 @@ cdef class Downstream:
     cdef bytes connection
     cdef bytes upgrade
     cdef list forwarded_for
+    cdef bytes last_host
+    cdef bytes data
+    cdef bytes line_data
+    cdef bint at_boundary
+    cdef Route last_route
+    cdef object get_method
+    cdef object get_http_version
+    cdef object should_keep_alive
     cdef Exchange parsing
     cdef Exchange current
     cdef Exchange upgrade_ex
@@ -130,6 +138,8 @@ cdef class Downstream:
     cdef double linger_until
 
     cdef int _finish_head(self) except -1
+    cdef int _new_parser(self) except -1
+    cdef bint _read_request_line(self, Exchange ex) except -1
     cdef int _next(self) except -1
     cdef int _after_feed(self) except -1
     cdef int _parse_failed(self, str detail) except -1
@@ -178,8 +188,11 @@ cdef class Upstream:
     cdef bint reading_paused
     cdef long uses
     cdef double last_activity
+    cdef object get_status_code
+    cdef object should_keep_alive
 
     cdef int _begin(self, Downstream downstream, Exchange ex) except -1
+    cdef int _new_parser(self) except -1
     cdef int _detach(self) except -1
     cdef int _response_head(self, bytes head) except -1
     cdef int _complete(self) except -1

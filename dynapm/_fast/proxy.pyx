@@ -17,7 +17,11 @@ from httptools.parser.errors import HttpParserError, HttpParserUpgrade
 
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING
+from cpython.dict cimport PyDict_GetItem
+from cpython.object cimport PyObject
+from libc.string cimport memchr, memcmp
 
 from dynapm._fast.heads cimport (
     HEADER_CONNECTION,
@@ -30,6 +34,7 @@ from dynapm._fast.heads cimport (
     ResponseInfo,
     connection_names_others,
     connection_tokens,
+    head_end,
     header_kind,
     rewrite_response,
     scan_response,
@@ -83,6 +88,8 @@ cdef tuple TAILS = (
     b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
     b"Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n",
 )
+cdef bytes METHOD_GET = b"GET"
+cdef bytes METHOD_POST = b"POST"
 cdef frozenset IDEMPOTENT = frozenset([
     b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE",
 ])
@@ -234,6 +241,7 @@ cdef class Settings:
             downstream.transport.abort()
 
 
+@cython.freelist(64)
 cdef class Exchange:
     """One request and its response on a client connection."""
 
@@ -264,7 +272,7 @@ cdef class Downstream:
         peer = transport.get_extra_info("peername")
         self.peer = peer[0].encode() if peer else b"unknown"
         self.forwarded_line = b"X-Forwarded-For: " + self.peer + b"\r\n"
-        self.parser = HttpRequestParser(self)
+        self._new_parser()
         self.head_started = self.idle_since = now()
         self.settings.connections.add(self)
 
@@ -346,14 +354,20 @@ cdef class Downstream:
             return
         if self.broken:
             return
+        # A message starting with this feed starts at offset 0 of data.
+        self.data = data
+        self.at_boundary = self.parsing is None and not self.in_head
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
+            self.data = None
             self._on_upgrade(data, exc.args[0])
             return
         except HttpParserError as exc:
+            self.data = None
             self._parse_failed("malformed request: %s" % (exc,))
             return
+        self.data = None
         if self.in_head:
             # httptools reports a header only once its line is complete, so
             # an endless line is caught by counting the raw bytes.
@@ -373,6 +387,15 @@ cdef class Downstream:
         if self.queue or (self.parsing is not None and
                           self.parsing.pending_size > PENDING_LIMIT):
             self._pause(PAUSE_BUFFER)
+        return 0
+
+    cdef int _new_parser(self) except -1:
+        # Bound methods looked up once: the parser's methods are called for
+        # every request.
+        parser = self.parser = HttpRequestParser(self)
+        self.get_method = parser.get_method
+        self.get_http_version = parser.get_http_version
+        self.should_keep_alive = parser.should_keep_alive
         return 0
 
     def _on_upgrade(self, bytes data, Py_ssize_t offset):
@@ -395,7 +418,7 @@ cdef class Downstream:
         else:
             # Not a WebSocket upgrade (h2c...): it was forwarded as a plain
             # request without Upgrade, so HTTP/1.1 goes on with a new parser.
-            self.parser = HttpRequestParser(self)
+            self._new_parser()
             if extra:
                 self.data_received(extra)
             else:
@@ -448,6 +471,8 @@ cdef class Downstream:
         self.parsing = ex
         self.in_head = True
         self.head_bytes = 0
+        self.line_data = self.data if self.at_boundary else None
+        self.at_boundary = False
         self.head_size = 0
         self.target = None
         # The outgoing head, built as headers arrive; the request line and
@@ -555,6 +580,7 @@ cdef class Downstream:
         cdef Route route
         cdef bytes host = self.host
         cdef list parts = self.parts
+        cdef PyObject *found
         self.in_head = False
         if ex is None or self.broken:
             return 0
@@ -562,13 +588,14 @@ cdef class Downstream:
             self._fatal(431, "request head larger than %d bytes"
                         % settings.max_header)
             return 0
-        parser = self.parser
-        method = parser.get_method()
-        ex.method = method
+        if self.line_data is None or self.line_data is not self.data or \
+                not self._read_request_line(ex):
+            ex.method = self.get_method()
+            ex.http10 = self.get_http_version() != "1.1"
+        self.line_data = None
+        method = ex.method
         ex.is_head = method == b"HEAD"
-        ex.http10 = parser.get_http_version() != "1.1"
-        ex.keep_alive = parser.should_keep_alive()
-        ex.idempotent = method in IDEMPOTENT
+        ex.keep_alive = self.should_keep_alive()
         ex.target = self.target if self.target is not None else b""
 
         if self.hosts > 1:
@@ -590,12 +617,21 @@ cdef class Downstream:
         # (h2c...) are hop-by-hop and dropped (RFC 9110 section 7.8).
         ex.upgrade = (self.upgrade is not None and
                       b"websocket" in self.upgrade.lower() and
-                      method != b"CONNECT" and parser.should_upgrade())
+                      method != b"CONNECT" and self.parser.should_upgrade())
         self.last_ex = ex
 
         route = self.fixed_route
         if route is None:
-            route = settings.hosts.get(strip_port(host) if host else b"")
+            if host is not None and host == self.last_host:
+                # Keep-alive clients repeat their Host: skip the lookup.
+                route = self.last_route
+            else:
+                found = PyDict_GetItem(
+                    settings.hosts, strip_port(host) if host else b"")
+                route = <Route>found if found != NULL else None
+                if route is not None:
+                    self.last_host = host
+                    self.last_route = route
             if route is None:
                 ex.error_status = 404
                 ex.error_detail = "no service for host %r" % (
@@ -603,6 +639,9 @@ cdef class Downstream:
                 self.queue.append(ex)
                 return 0
         ex.route = route
+        if self.length > 0 or ex.chunked:
+            # Only a request with a body needs this to decide a replay.
+            ex.idempotent = method in IDEMPOTENT
         if self.length > settings.max_body:
             ex.error_status = 413
             ex.error_detail = "request body larger than %d bytes" % (
@@ -632,6 +671,36 @@ cdef class Downstream:
         ex.head = b"".join(parts)
         self.queue.append(ex)
         return 0
+
+    cdef bint _read_request_line(self, Exchange ex) except -1:
+        # The whole head arrived in this read, starting at offset 0, and
+        # httptools has validated it: method and version are read off the
+        # request line instead of asking the parser (two Python calls).
+        cdef bytes data = self.line_data
+        cdef const char *p = PyBytes_AS_STRING(data)
+        cdef Py_ssize_t n = len(data), eol
+        cdef const char *hit = <const char *>memchr(p, 13, n)
+        if hit == NULL:
+            return False
+        eol = hit - p
+        if eol < 14 or memcmp(p + eol - 8, b"HTTP/1.", 7) != 0:
+            return False
+        if p[eol - 1] == 49:
+            ex.http10 = False
+        elif p[eol - 1] == 48:
+            ex.http10 = True
+        else:
+            return False
+        if memcmp(p, b"GET ", 4) == 0:
+            ex.method = METHOD_GET
+        elif memcmp(p, b"POST ", 5) == 0:
+            ex.method = METHOD_POST
+        else:
+            hit = <const char *>memchr(p, 32, eol)
+            if hit == NULL:
+                return False
+            ex.method = p[:hit - p]
+        return True
 
     def _without_named(self, list parts):
         # Slow path: drop the headers the Connection header names.
@@ -993,7 +1062,7 @@ cdef class Upstream:
         self.transport = transport
         self.write = transport.write
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
-        self.parser = HttpResponseParser(self)
+        self._new_parser()
         self.last_activity = now()
 
     def connection_lost(self, exc):
@@ -1045,6 +1114,12 @@ cdef class Upstream:
     def resume_writing(self):
         if self.downstream is not None:
             self.downstream._resume(PAUSE_UPSTREAM)
+
+    cdef int _new_parser(self) except -1:
+        parser = self.parser = HttpResponseParser(self)
+        self.get_status_code = parser.get_status_code
+        self.should_keep_alive = parser.should_keep_alive
+        return 0
 
     cdef int _pause_reading(self) except -1:
         if not self.reading_paused and not self.closed:
@@ -1147,7 +1222,7 @@ cdef class Upstream:
 
     def on_headers_complete(self):
         cdef bytes buf = self.buf
-        cdef Py_ssize_t end = buf.find(b"\r\n\r\n", self.scan) + 4
+        cdef Py_ssize_t end = head_end(buf, self.scan)
         cdef bytes head = buf[self.scan:end]
         self.scan = end
         self._response_head(head)
@@ -1168,7 +1243,7 @@ cdef class Upstream:
             return
         if self.finished:
             return
-        self.keep_alive = self.parser.should_keep_alive()
+        self.keep_alive = self.should_keep_alive()
         if self.rechunk:
             self.out.append(b"0\r\n\r\n")
         self.finished = True
@@ -1176,7 +1251,7 @@ cdef class Upstream:
     cdef int _response_head(self, bytes head) except -1:
         cdef Exchange ex = self.ex
         cdef Downstream downstream = self.downstream
-        cdef int status = self.parser.get_status_code()
+        cdef int status = self.get_status_code()
         cdef bint no_body, close
         cdef ResponseInfo info
         cdef object drop = None
@@ -1225,7 +1300,7 @@ cdef class Upstream:
         if no_body:
             # httptools cannot be told the response answers a HEAD request,
             # so end the message here and parse the next one afresh.
-            self.keep_alive = self.parser.should_keep_alive()
+            self.keep_alive = self.should_keep_alive()
             self.finished = True
             if ex.is_head:
                 self.new_parser = True
@@ -1251,7 +1326,7 @@ cdef class Upstream:
         self._detach()
         if self.new_parser:
             self.new_parser = False
-            self.parser = HttpResponseParser(self)
+            self._new_parser()
         if reuse:
             self._resume_reading()
             self.pool.put(self)
