@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import signal
 import time
@@ -83,6 +84,9 @@ class Gateway:
                 listen.host, port, lambda route=route: Downstream(settings, route)
             )
         self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
+        # Everything built so far lives as long as the gateway: keep it out of
+        # the collector's full passes.
+        gc.freeze()
         if self.config.admin is not None:
             from dynapm.admin import AdminServer
 
