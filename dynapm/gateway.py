@@ -37,15 +37,19 @@ class Gateway:
         limits = config.limits
         hosts: dict[bytes, Route] = {}
         self.port_routes: dict[int, Route] = {}
+        # One pool of keep-alive connections per upstream address, shared by
+        # the services that use it (as an nginx upstream block would be).
+        pools: dict[tuple[str, int], Pool] = {}
         for service_config in config.services:
             state = ServiceState(service_config.name)
             self.lifecycle.add(service_config, state)
-            pools: dict[tuple[str, int], Pool] = {}
             for route_config in service_config.routes:
                 upstream = route_config.upstream
                 key = (upstream.host, upstream.port)
                 if key not in pools:
-                    pools[key] = Pool(upstream.host, upstream.port, state)
+                    pools[key] = Pool(upstream.host, upstream.port)
+                if pools[key] not in state.pools:
+                    state.pools.append(pools[key])
                 route = Route(
                     state,
                     pools[key],

@@ -30,7 +30,6 @@ cdef class ServiceState:
 cdef class Pool:
     cdef public str host
     cdef public int port
-    cdef public ServiceState service
     cdef list idle
 
     cdef Upstream take(self)
@@ -126,7 +125,7 @@ cdef class Downstream:
     cdef Exchange upgrade_ex
     cdef Exchange last_ex
     cdef Py_ssize_t head_bytes
-    cdef object queue
+    cdef list queue
     cdef int paused
     cdef bint write_paused
     cdef bint raw

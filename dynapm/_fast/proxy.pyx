@@ -10,7 +10,6 @@
 # time (RFC 9112 section 9.3.2 allows serial handling of pipelined requests).
 
 import logging
-from collections import deque
 
 from httptools import HttpRequestParser, HttpResponseParser
 from httptools.parser.errors import HttpParserError, HttpParserUpgrade
@@ -155,12 +154,10 @@ cdef class ServiceState:
 cdef class Pool:
     """Idle keep-alive connections to one upstream address."""
 
-    def __init__(self, str host, int port, ServiceState service):
+    def __init__(self, str host, int port):
         self.host = host
         self.port = port
-        self.service = service
         self.idle = []
-        service.pools.append(self)
 
     cdef Upstream take(self):
         cdef Upstream upstream
@@ -263,7 +260,8 @@ cdef class Downstream:
     def __init__(self, Settings settings, Route fixed_route=None):
         self.settings = settings
         self.fixed_route = fixed_route
-        self.queue = deque()
+        # Exchanges received but not begun (pipelining); rarely non-empty.
+        self.queue = []
 
     def connection_made(self, transport):
         self.transport = transport
@@ -441,9 +439,11 @@ cdef class Downstream:
         cdef Exchange ex = self.parsing
         cdef Upstream upstream
         if ex is None or ex is not self.current:
-            if ex is not None and self.queue and self.queue[-1] is ex:
-                # Not begun yet: it is never forwarded at all.
-                self.queue.pop()
+            queue = self.queue
+            if ex is not None and queue and queue[len(queue) - 1] is ex:
+                # Not begun yet: it is never forwarded at all. (No negative
+                # index: the module is compiled with wraparound off.)
+                queue.pop()
             self._fatal(400, detail)
             return 0
         self.broken = True
@@ -719,7 +719,7 @@ cdef class Downstream:
         # While the client does not read, answers wait in the queue (and
         # reading pauses) instead of piling up in the write buffer.
         if self.queue and not self.write_paused:
-            ex = self.queue.popleft()
+            ex = self.queue.pop(0)
             self._begin(ex)
         return 0
 
@@ -1193,8 +1193,8 @@ cdef class Upstream:
         except HttpParserError as exc:
             self.broken = True
             logger.warning("malformed response from service %r: %s",
-                           self.pool.service.name, exc,
-                           extra={"service": self.pool.service.name})
+                           self.ex.route.service.name, exc,
+                           extra={"service": self.ex.route.service.name})
         if self.in_head:
             self.carry = self.buf[self.scan:]
             self.scan = 0
@@ -1208,10 +1208,10 @@ cdef class Upstream:
             downstream._tunnel_open()
             return
         if self.broken:
-            self.pool.service.upstream_errors += 1
+            self.ex.route.service.upstream_errors += 1
             downstream._upstream_failed(
                 self.ex, 502, "malformed response from service '%s'"
-                % self.pool.service.name)
+                % self.ex.route.service.name)
             return
         if self.finished:
             self._complete()
