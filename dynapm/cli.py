@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", help="configuration file (YAML)")
     commands = parser.add_subparsers(dest="command")
     check = commands.add_parser("check", help="validate the configuration file")
-    check.add_argument("-c", "--config", dest="sub_config", required=True)
+    check.add_argument(
+        "-c", "--config", dest="sub_config", metavar="CONFIG", default=None
+    )
     status = commands.add_parser("status", help="list services (admin API)")
     _admin_options(status)
     status.add_argument("--json", action="store_true", help="print the raw JSON")
@@ -63,7 +65,11 @@ def _admin_options(sub: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
-        return _check(args.sub_config)
+        path = args.sub_config or args.config
+        if not path:
+            print("dynapm check: missing -c conf.yaml", file=sys.stderr)
+            return EXIT_CONFIG
+        return _check(path)
     if args.command in ("status", "start", "stop"):
         return _admin_command(args)
     if not args.config:

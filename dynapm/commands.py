@@ -33,6 +33,9 @@ PIPE_GRACE = 0.1
 """After the process exits, how long its output pipe may stay open before we stop
 waiting for it: long enough to drain what was already written."""
 
+EXIT_DRAIN = 0.01
+"""run_command: after the command exits, how long its pipe may stay open."""
+
 KILL_GRACE = 1.0
 """run_command: SIGTERM on timeout, then SIGKILL this long after."""
 
@@ -473,8 +476,10 @@ async def run_command(
         if timed_out:
             logger.debug("command timed out, ending its process group", extra=extra)
             await _end_group(pgid, protocol.exited, KILL_GRACE)
-        # Output written just before the exit may still be in the pipe.
-        await asyncio.wait({protocol.output_closed}, timeout=PIPE_GRACE)
+        # Output written just before the exit is already in the pipe and
+        # arrives within a loop iteration or two; a background child that
+        # keeps the pipe open must not delay every start by much.
+        await asyncio.wait({protocol.output_closed}, timeout=EXIT_DRAIN)
         settled = True
     finally:
         if not settled:

@@ -46,6 +46,8 @@ __all__ = [
 KIB = 1024
 MIB = 1024 * KIB
 GIB = 1024 * MIB
+# Limits are held in C integers by the proxy; anything larger is a mistake.
+MAX_SIZE = 1024 * 1024 * GIB
 
 
 # --------------------------------------------------------------------------
@@ -1300,6 +1302,8 @@ class _Parser:
             self.fail(str(err), field.node, field.path)
         if size < minimum:
             self.fail(f"must be at least {minimum} byte", field.node, field.path)
+        if size > MAX_SIZE:
+            self.fail("must be at most 1 PiB", field.node, field.path)
         return size
 
     def port(self, field: _Field) -> int:

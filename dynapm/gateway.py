@@ -78,24 +78,28 @@ class Gateway:
         self.sweep_interval = min(max(shortest / 4, 0.05), 0.5)
 
     async def start(self) -> None:
-        """Adopt running services, then open the listeners."""
+        """Adopt running services, then open the listeners.
+
+        The main listener opens last, so once it accepts connections every
+        other listener (dedicated ports, admin) does too.
+        """
         await self.lifecycle.adopt_all()
         listen = self.config.listen
         settings = self.settings
-        await self._listen(listen.host, listen.port, lambda: Downstream(settings))
         for port, route in self.port_routes.items():
             await self._listen(
                 listen.host, port, lambda route=route: Downstream(settings, route)
             )
-        self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
-        # Everything built so far lives as long as the gateway: keep it out of
-        # the collector's full passes.
-        gc.freeze()
         if self.config.admin is not None:
             from dynapm.admin import AdminServer
 
             self.admin = AdminServer(self)
             await self.admin.start()
+        self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
+        # Everything built so far lives as long as the gateway: keep it out of
+        # the collector's full passes.
+        gc.freeze()
+        await self._listen(listen.host, listen.port, lambda: Downstream(settings))
         logger.info(
             "listening",
             extra={
@@ -133,6 +137,15 @@ class Gateway:
             self.loop.add_signal_handler(signum, self.request_stop)
         try:
             await self.start()
+        except BaseException:
+            # Nothing was served: leave adopted services running (they were
+            # running before us, maybe for another gateway).
+            for server in self.servers:
+                server.close()
+            if self.admin is not None:
+                await self.admin.close()
+            raise
+        try:
             await self._stopping.wait()
         finally:
             await self.shutdown()

@@ -11,7 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
 from dynapm.commands import format_seconds, run_command
@@ -222,8 +222,14 @@ async def wait_ready(
     cwd: str | None = None,
     env: Iterable[tuple[str, str]] | Mapping[str, str] = (),
     service: str = "",
+    keep_going: Callable[[], bool] | None = None,
 ) -> float:
     """Probe until the service is ready; return the milliseconds that took.
+
+    ``keep_going``, when given, is asked before every probe: once it answers
+    False (the process being probed has exited) probing stops with NotReady.
+    This does not rely on cancellation, which asyncio.wait_for can swallow on
+    Python 3.11 when it races a finishing probe (CPython gh-86296).
 
     The first probe runs at once, the next `health.interval` after each failed
     one ends. Raises NotReady with the last failure's detail once `timeout`
@@ -237,6 +243,8 @@ async def wait_ready(
     last = ""
     probes = 0
     while loop.time() < deadline:
+        if keep_going is not None and not keep_going():
+            raise NotReady(last or "stopped")
         try:
             ok, detail = await asyncio.wait_for(
                 probe_once(health, upstream, cwd=cwd, env=env, service=service),

@@ -93,16 +93,29 @@ class Service:
                 self._start_task = asyncio.get_running_loop().create_task(
                     self._start()
                 )
-            await asyncio.shield(self._start_task)
+            task = self._start_task
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not task.cancelled():
+                    raise
+                raise StartError(self.name, "the gateway is shutting down") from None
 
     async def stop(self, reason: str) -> None:
         """Stop the service if it runs; wait for a start or stop under way."""
         if not self.managed:
             return
         if self.status == STARTING:
+            task = self._start_task
+            if reason == "shutdown":
+                # Do not wait up to start_timeout: the start cleans up after
+                # itself when cancelled (process group killed, stop run).
+                task.cancel()
             try:
-                await asyncio.shield(self._start_task)
-            except StartError:
+                await asyncio.shield(task)
+            except (StartError, asyncio.CancelledError):
+                if not task.done():
+                    raise
                 return
         if self.status == ONLINE:
             self._begin_stop(reason)
@@ -115,7 +128,7 @@ class Service:
             # Another request already noticed; the restart is under way.
             return
         logger.warning(
-            "upstream refused connection, restarting",
+            "upstream failed, restarting",
             extra={"service": self.name},
         )
         self._begin_stop("crashed")
@@ -202,11 +215,13 @@ class Service:
         command_ms = round((time.monotonic() - spawned) * 1000, 3)
         loop = asyncio.get_running_loop()
         exited = loop.create_task(process.wait_exit())
-        probe = loop.create_task(self._wait_ready(deadline))
+        probe = loop.create_task(self._wait_ready(deadline, process.alive))
         try:
             await asyncio.wait({exited, probe}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             probe.cancel()
+            # Its outcome no longer matters; retrieve it so it is not reported.
+            probe.add_done_callback(_ignore_outcome)
         if exited.done():
             tail = process.output_tail().strip()
             detail = f"process exited with status {exited.result()}"
@@ -231,7 +246,7 @@ class Service:
         await self._wait_ready(deadline)
         return round(result.elapsed_ms, 3)
 
-    async def _wait_ready(self, deadline: float) -> None:
+    async def _wait_ready(self, deadline: float, keep_going=None) -> None:
         config = self.config
         try:
             await health.wait_ready(
@@ -240,6 +255,8 @@ class Service:
                 timeout=max(deadline - time.monotonic(), 0.001),
                 cwd=config.cwd,
                 env=config.env,
+                service=self.name,
+                keep_going=keep_going,
             )
         except health.NotReady as err:
             raise StartError(
@@ -407,6 +424,11 @@ class Service:
             "proxy_only": config.proxy_only,
             "pid": self.process.pid if self.process and self.process.alive() else None,
         }
+
+
+def _ignore_outcome(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class Lifecycle:

@@ -187,7 +187,10 @@ def test_backend_crash_closes_client(ws_service):
                 await asyncio.wait_for(ws.recv(), 5)
 
     run(session())
-    # The next connection starts the service again.
+    # Once the process is gone, the next connection starts the service
+    # again. (A connection accepted by the dying process itself would get
+    # a 502: the gateway never replays a request the service received.)
+    wait_for(lambda: not port_open(gw.backend), timeout=5)
 
     async def again():
         async with ws_connect(gw) as ws:

@@ -84,6 +84,7 @@ cdef class Exchange:
     cdef str error_detail
     cdef int status
     cdef int tries
+    cdef bint recovered
     cdef long generation
     cdef double started
     cdef double sent_at

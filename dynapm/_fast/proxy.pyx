@@ -794,11 +794,11 @@ cdef class Downstream:
         if ex is not self.current or self.closed:
             return
         lifecycle = service.lifecycle
-        if (isinstance(exc, ConnectionRefusedError) and ex.tries == 0 and
+        if (isinstance(exc, ConnectionRefusedError) and not ex.recovered and
                 lifecycle is not None and lifecycle.managed):
             # The service was online but refuses connections: it crashed.
-            # Nothing was sent yet, so start it again and retry.
-            ex.tries += 1
+            # Nothing was sent yet, so start it again and retry (once).
+            ex.recovered = True
             lifecycle.on_refused(ex.generation)
             self.settings.loop.create_task(self._cold_start(ex))
             return
