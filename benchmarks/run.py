@@ -946,7 +946,7 @@ class Suite:
 
 
 WS_CONNECTIONS = 16
-WS_SIZE = 32
+WS_SIZE = 256
 
 
 def ws_handshake_problem(port: int) -> str | None:
