@@ -133,6 +133,25 @@ class Service:
         )
         self._begin_stop("crashed")
 
+    async def crashed(self, generation: int, within: float) -> bool:
+        """Has the instance started as ``generation`` died, or does it die
+        within ``within`` seconds? Only a `run` process can tell; for a
+        service run by start/stop commands the answer is False."""
+        if self.config.run is None:
+            return False
+        if self.state.generation != generation or self.status != ONLINE:
+            return True
+        process = self.process
+        if process is None:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(process.wait_exit()), within)
+        except asyncio.TimeoutError:
+            return False
+        # Offline now, whichever of this and the exit callback runs first.
+        self.on_refused(generation)
+        return True
+
     async def adopt(self) -> None:
         """At boot: a service whose check passes is already running."""
         command = self.config.check

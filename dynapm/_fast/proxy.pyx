@@ -808,6 +808,23 @@ cdef class Downstream:
             % (ex.route.pool.host, ex.route.pool.port, service.name,
                exc.strerror or exc))
 
+    async def _closed_unanswered(self, Exchange ex):
+        cdef ServiceState service = ex.route.service
+        crashed = await service.lifecycle.crashed(ex.generation, 0.25)
+        if ex is not self.current or self.closed:
+            return
+        ex.upstream = None
+        if crashed:
+            ex.recovered = True
+            ex.head_sent = False
+            ex.sent_all = False
+            await self._cold_start(ex)
+            return
+        service.upstream_errors += 1
+        self._respond_error(
+            ex, 502, "upstream of service '%s' closed the connection before "
+            "responding" % service.name, False)
+
     cdef int _attach(self, Exchange ex, Upstream upstream) except -1:
         ex.upstream = upstream
         upstream._begin(self, ex)
@@ -1089,6 +1106,17 @@ cdef class Upstream:
                 not ex.body_sent or ex.idempotent):
             self._detach()
             downstream._retry(ex)
+            return
+        lifecycle = ex.route.service.lifecycle
+        if (not self.got_bytes and not ex.body_sent and not ex.recovered and
+                lifecycle is not None and lifecycle.managed):
+            # The service may have died with this connection open (a crash
+            # races new connections). If so it is started again and the
+            # request, which sent no body yet, retried once, as for a
+            # refused connection; if not, 502.
+            self._detach()
+            downstream.settings.loop.create_task(
+                downstream._closed_unanswered(ex))
             return
         ex.route.service.upstream_errors += 1
         downstream._upstream_failed(
