@@ -286,6 +286,10 @@ class Service:
     async def _cleanup_failed_start(self) -> None:
         # Leave nothing half-started behind: kill the process group, or run
         # the stop command after a start that never became ready.
+        await self._stop_instance()
+
+    async def _stop_instance(self) -> None:
+        """Kill the `run` process group, or run the stop command."""
         config = self.config
         if self.process is not None:
             process, self.process = self.process, None
@@ -299,8 +303,8 @@ class Service:
                 service=self.name,
             )
             if result.exit_code != 0:
-                logger.warning(
-                    "stop after failed start failed",
+                logger.error(
+                    "stop command failed",
                     extra={"service": self.name, "cause": result.describe()},
                 )
 
@@ -357,22 +361,7 @@ class Service:
         while self.state.active > self.held and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         try:
-            if self.process is not None:
-                process, self.process = self.process, None
-                await process.stop(config.stop_timeout)
-            else:
-                result = await run_command(
-                    config.stop,
-                    timeout=config.stop_timeout,
-                    cwd=config.cwd,
-                    env=config.env,
-                    service=self.name,
-                )
-                if result.exit_code != 0:
-                    logger.error(
-                        "stop command failed",
-                        extra={"service": self.name, "cause": result.describe()},
-                    )
+            await self._stop_instance()
         finally:
             logger.info(
                 "offline",
