@@ -13,7 +13,7 @@ import pytest
 from conftest import PYTHON, ROOT, port_open, wait_for
 
 EXAMPLE = ROOT / "examples" / "quickstart.yaml"
-PORTS = (3000, 3001, 8101, 8102)
+PORTS = (3000, 3001, 4000, 8101, 8102)
 
 
 def get(port: int, path: str, host: str | None = None):
@@ -72,6 +72,17 @@ def test_quickstart_services_start_on_demand_and_idle_out(quickstart):
     assert first == b"event: tick\n"
     assert time.monotonic() - started < 2.5
     response.close()
+
+    # The README's status line works against the example's admin API.
+    status = subprocess.run(
+        [PYTHON, "-m", "dynapm", "status", "-c", str(EXAMPLE)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert status.returncode == 0, status.stderr
+    assert "site" in status.stdout and "app" in status.stdout
+    assert "online" in status.stdout
 
     # Both stop after their 10 s idle timeout (generous bound).
     idle_from = time.monotonic()
