@@ -1152,27 +1152,6 @@ def test_listeners_open_only_after_boot_checks(gateway, ports, tmp_path):
     assert count_starts(starts) == 1
 
 
-def test_oversized_body_is_413_without_starting(gateway, ports, tmp_path):
-    backend = ports()
-    starts = tmp_path / "starts.log"
-    gw = gateway(
-        f"""
-        listen: {{listen}}
-        limits:
-          max_body: 1KiB
-        services:
-          app:
-            upstream: http://127.0.0.1:{backend}
-            run: {backend_command(backend, starts=starts)}
-        """,
-        backend_ports=[backend],
-    )
-    status, _, _ = gw.request("app", method="POST", body=b"x" * 5000)
-    assert status == 413
-    assert count_starts(starts) == 0
-    assert not port_open(backend)
-
-
 @pytest.mark.parametrize(
     "service, words",
     [
