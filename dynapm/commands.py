@@ -2,9 +2,9 @@
 
 Everything runs as ``bash -c COMMAND`` in a new session, so the command and
 whatever it forks share one process group that can be signalled as a whole.
-Output is read through a subprocess protocol rather than ``Process.wait()``:
-on CPython that waits for the pipes to close as well, and a forked daemon that
-keeps our stdout open would then hang the caller.
+The exit is watched through a pidfd and the output read as its own pipe, so
+neither waits for the other: a forked daemon that keeps our stdout open cannot
+hang the caller, and only the pids spawned here are ever reaped.
 """
 
 from __future__ import annotations
@@ -192,53 +192,64 @@ def _service_line_logger(service: str) -> Callable[[str], None]:
     return emit
 
 
-class _OutputProtocol(asyncio.SubprocessProtocol):
-    """Tracks one child: its exit, its merged output and when the pipe closes."""
+class _PipeReader(asyncio.Protocol):
+    """Hands a child's output to its _Child as it arrives."""
+
+    def __init__(self, child: _Child) -> None:
+        self._child = child
+
+    def data_received(self, data: bytes) -> None:
+        self._child.output(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._child.output_ended()
+
+
+class _Child:
+    """One spawned ``bash -c``: its exit status, its merged output, its pipe."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
+        popen: subprocess.Popen,
         *,
-        has_pipe: bool,
         on_line: Callable[[str], None] | None = None,
     ) -> None:
         self._loop = loop
+        self._popen = popen
+        self.pid = popen.pid
         self.exited: asyncio.Future[int] = loop.create_future()
         self.output_closed: asyncio.Future[None] = loop.create_future()
-        if not has_pipe:
-            self.output_closed.set_result(None)
         self.tail = _Tail()
         self._lines = _LineBuffer(on_line) if on_line is not None else None
-        self.transport: asyncio.SubprocessTransport | None = None
+        self.pipe: asyncio.ReadTransport | None = None
         self.closed = False
         self._auto_close = False
         self._grace: float | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
         self._on_closed: Callable[[], None] | None = None
+        _watch_exit(loop, popen.pid, self._exit)
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
+    def output(self, data: bytes) -> None:
         self.tail.add(data)
         if self._lines is not None:
             self._lines.feed(data)
 
-    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+    def output_ended(self) -> None:
         if self._lines is not None:
             self._lines.flush()
         if not self.output_closed.done():
             self.output_closed.set_result(None)
         self._maybe_close()
 
-    def process_exited(self) -> None:
-        if not self.exited.done() and self.transport is not None:
-            self.exited.set_result(self.transport.get_returncode())
-        self._maybe_close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.output_closed.done():
-            self.output_closed.set_result(None)
+    def _exit(self, code: int) -> None:
+        # Popen must know the child is reaped, or it would try to reap it again.
+        self._popen.returncode = code
+        if not self.exited.done():
+            self.exited.set_result(code)
         self._maybe_close()
 
     def close_when_done(
@@ -248,7 +259,7 @@ class _OutputProtocol(asyncio.SubprocessProtocol):
         on_line: Callable[[str], None] | None = None,
         on_closed: Callable[[], None] | None = None,
     ) -> None:
-        """Close the transport once the process exited and the pipe closed.
+        """Close the pipe once the process exited and the pipe reached EOF.
 
         With a grace, the pipe gets that long after the exit and is then closed
         regardless; without one, it is drained until its last writer is gone.
@@ -261,6 +272,7 @@ class _OutputProtocol(asyncio.SubprocessProtocol):
         self._maybe_close()
 
     def close(self) -> None:
+        """Stop reading the output. The exit is still watched and reaped."""
         if self.closed:
             return
         self.closed = True
@@ -268,8 +280,10 @@ class _OutputProtocol(asyncio.SubprocessProtocol):
             self._grace_timer.cancel()
         if self._lines is not None:
             self._lines.flush()
-        if self.transport is not None:
-            self.transport.close()
+        if self.pipe is not None:
+            self.pipe.close()
+        if not self.output_closed.done():
+            self.output_closed.set_result(None)
         if self._on_closed is not None:
             self._on_closed()
 
@@ -282,9 +296,55 @@ class _OutputProtocol(asyncio.SubprocessProtocol):
             self._grace_timer = self._loop.call_later(self._grace, self.close)
 
 
-# Transports of finished commands whose output pipe is still held open by a
-# process they left behind; referenced here so they stay alive until EOF.
-_draining: set[_OutputProtocol] = set()
+EXIT_POLL = 0.05
+"""Where pidfd_open is missing (Linux before 5.3), how often exits are polled."""
+
+
+def _watch_exit(
+    loop: asyncio.AbstractEventLoop, pid: int, on_exit: Callable[[int], None]
+) -> None:
+    """Call on_exit(status) once child `pid` exits, reaping it.
+
+    A pidfd turns readable when the process exits, so the event loop reports
+    the exit with no SIGCHLD handler and no thread; only this pid is reaped.
+    """
+
+    def reap() -> bool:
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            # Reaped by someone else; the status is lost.
+            on_exit(255)
+            return True
+        if got == 0:
+            return False
+        on_exit(os.waitstatus_to_exitcode(status))
+        return True
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    if pidfd is None:
+
+        def poll() -> None:
+            if not reap():
+                loop.call_later(EXIT_POLL, poll)
+
+        loop.call_later(EXIT_POLL, poll)
+        return
+
+    def readable() -> None:
+        if reap():
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+
+    loop.add_reader(pidfd, readable)
+
+
+# Finished commands whose output pipe is still held open by a process they
+# left behind; referenced here so their pipes stay read until EOF.
+_draining: set[_Child] = set()
 
 
 def _environ(env: Iterable[tuple[str, str]] | Mapping[str, str]) -> dict[str, str]:
@@ -365,21 +425,23 @@ async def _end_group(pgid: int, exited: asyncio.Future, grace: float) -> None:
 
 
 async def _spawn(
-    protocol: _OutputProtocol,
     command: str,
     *,
     stdout,
     cwd: str | None,
     env: Iterable[tuple[str, str]] | Mapping[str, str],
-) -> asyncio.SubprocessTransport:
-    """Start `bash -c command` in a new session, reporting to `protocol`."""
+    on_line: Callable[[str], None] | None = None,
+) -> _Child:
+    """Start `bash -c command` in a new session (its pid is its group id).
+
+    subprocess.Popen forks with vfork and closes descriptors with close_range,
+    which takes a fraction of the time the event loop's own spawn does; the
+    exit is then watched through a pidfd and the output read as a pipe.
+    """
     loop = asyncio.get_running_loop()
-    spawning = asyncio.ensure_future(
-        loop.subprocess_exec(
-            lambda: protocol,
-            "bash",
-            "-c",
-            command,
+    try:
+        popen = subprocess.Popen(
+            ["bash", "-c", command],
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=subprocess.STDOUT,
@@ -387,20 +449,33 @@ async def _spawn(
             env=_environ(env),
             start_new_session=True,
         )
+    finally:
+        if hasattr(stdout, "close"):
+            # The child holds its own copy of the log file now.
+            stdout.close()
+    child = _Child(loop, popen, on_line=on_line)
+    if popen.stdout is None:
+        child.output_closed.set_result(None)
+        return child
+    connecting = asyncio.ensure_future(
+        loop.connect_read_pipe(partial(_PipeReader, child), popen.stdout)
     )
-    if hasattr(stdout, "close"):
-        # Our copy of a log file is closed only once the child holds its own:
-        # closing it earlier could let the descriptor number be reused first.
-        spawning.add_done_callback(lambda _: stdout.close())
     try:
-        transport, _ = await asyncio.shield(spawning)
-    except asyncio.CancelledError:
-        # The child already runs while its pipes are being connected. Left to
-        # itself, the event loop would kill only bash on cancellation, so let
-        # the start finish and then kill the whole group.
-        spawning.add_done_callback(_kill_spawned)
+        child.pipe, _ = await asyncio.shield(connecting)
+    except BaseException:
+        # Cancelled, or the pipe could not be watched, with the child already
+        # running: nobody would supervise it, so end the whole group. The pipe
+        # is closed by its transport once connecting finishes.
+        _signal_group(child.pid, signal.SIGKILL)
+        connecting.add_done_callback(partial(_close_connected, child))
         raise
-    return transport
+    return child
+
+
+def _close_connected(child: _Child, connecting: asyncio.Future) -> None:
+    if not connecting.cancelled() and connecting.exception() is None:
+        child.pipe = connecting.result()[0]
+    child.close()
 
 
 def _spawn_error(exc: OSError) -> str:
@@ -408,14 +483,6 @@ def _spawn_error(exc: OSError) -> str:
     if exc.filename:
         reason = f"{reason}: {exc.filename}"
     return f"cannot start bash: {reason}"
-
-
-def _kill_spawned(spawning: asyncio.Future) -> None:
-    if spawning.cancelled() or spawning.exception() is not None:
-        return
-    transport, protocol = spawning.result()
-    _signal_group(transport.get_pid(), signal.SIGKILL)
-    protocol.close()
 
 
 async def run_command(
@@ -458,49 +525,46 @@ async def run_command(
     if problem is not None:
         return finish(exit_code=None, output="", timed_out=False, error=problem)
 
-    protocol = _OutputProtocol(loop, has_pipe=True)
     try:
-        transport = await _spawn(
-            protocol, command, stdout=subprocess.PIPE, cwd=cwd, env=env
-        )
+        child = await _spawn(command, stdout=subprocess.PIPE, cwd=cwd, env=env)
     except OSError as exc:
         return finish(
             exit_code=None, output="", timed_out=False, error=_spawn_error(exc)
         )
 
-    pgid = transport.get_pid()
+    pgid = child.pid
     settled = False
     try:
-        done, _ = await asyncio.wait({protocol.exited}, timeout=timeout)
+        done, _ = await asyncio.wait({child.exited}, timeout=timeout)
         timed_out = not done
         if timed_out:
             logger.debug("command timed out, ending its process group", extra=extra)
-            await _end_group(pgid, protocol.exited, KILL_GRACE)
+            await _end_group(pgid, child.exited, KILL_GRACE)
         # Output written just before the exit is already in the pipe and
         # arrives within a loop iteration or two; a background child that
         # keeps the pipe open must not delay every start by much.
-        await asyncio.wait({protocol.output_closed}, timeout=EXIT_DRAIN)
+        await asyncio.wait({child.output_closed}, timeout=EXIT_DRAIN)
         settled = True
     finally:
         if not settled:
             # Cancelled: nobody will look at the result, so do not linger.
             _signal_group(pgid, signal.SIGKILL)
-            protocol.close()
+            child.close()
 
-    output = protocol.tail.text()
-    if protocol.output_closed.done() or not protocol.exited.done():
-        protocol.close()
+    output = child.tail.text()
+    if child.output_closed.done() or not child.exited.done():
+        child.close()
     else:
         logger.debug(
             "command left processes holding its output; draining it", extra=extra
         )
-        _draining.add(protocol)
-        protocol.close_when_done(
+        _draining.add(child)
+        child.close_when_done(
             grace=None,
             on_line=_service_line_logger(service),
-            on_closed=lambda: _draining.discard(protocol),
+            on_closed=lambda: _draining.discard(child),
         )
-    exit_code = None if timed_out else protocol.exited.result()
+    exit_code = None if timed_out else child.exited.result()
     return finish(exit_code=exit_code, output=output, timed_out=timed_out)
 
 
@@ -537,7 +601,7 @@ class ManagedProcess:
         self.cwd = cwd
         self.env = tuple(env.items() if isinstance(env, Mapping) else env)
         self.log_path = log_path
-        self._protocol: _OutputProtocol | None = None
+        self._child: _Child | None = None
         self._pgid: int | None = None
         self._log_offset = 0
         self._stopping: asyncio.Future | None = None
@@ -548,7 +612,7 @@ class ManagedProcess:
         return self._pgid if self.alive() else None
 
     def alive(self) -> bool:
-        return self._protocol is not None and not self._protocol.exited.done()
+        return self._child is not None and not self._child.exited.done()
 
     async def spawn(self) -> None:
         """Start the command; raise CommandError if it cannot be started."""
@@ -557,7 +621,6 @@ class ManagedProcess:
         problem = _cwd_problem(self.cwd)
         if problem is not None:
             raise CommandError(problem)
-        loop = asyncio.get_running_loop()
         log_file = None
         if self.log_path is not None:
             try:
@@ -569,21 +632,20 @@ class ManagedProcess:
                 ) from None
             self._log_offset = log_file.tell()
         on_line = None if log_file else _service_line_logger(self.service)
-        protocol = _OutputProtocol(loop, has_pipe=log_file is None, on_line=on_line)
         stdout = log_file if log_file is not None else subprocess.PIPE
         try:
-            transport = await _spawn(
-                protocol, self.command, stdout=stdout, cwd=self.cwd, env=self.env
+            child = await _spawn(
+                self.command, stdout=stdout, cwd=self.cwd, env=self.env, on_line=on_line
             )
         except OSError as exc:
             raise CommandError(_spawn_error(exc)) from None
-        self._protocol = protocol
-        self._pgid = transport.get_pid()
+        self._child = child
+        self._pgid = child.pid
         self._stopping = None
         # The reader ends with the process: a leftover group member holding the
         # pipe gets PIPE_GRACE, then the pipe is closed.
-        protocol.close_when_done(grace=PIPE_GRACE)
-        protocol.exited.add_done_callback(partial(self._log_exit, self._pgid))
+        child.close_when_done(grace=PIPE_GRACE)
+        child.exited.add_done_callback(partial(self._log_exit, self._pgid))
         logger.debug(
             "process started",
             extra={"service": self.service, "pid": self._pgid, "command": self.command},
@@ -604,17 +666,17 @@ class ManagedProcess:
 
         Any number of callers may wait; cancelling one does not affect others.
         """
-        if self._protocol is None:
+        if self._child is None:
             raise CommandError("process was never started")
-        return await asyncio.shield(self._protocol.exited)
+        return await asyncio.shield(self._child.exited)
 
     def output_tail(self) -> str:
         """The last ~2 KiB of this run's output, for error messages."""
-        if self._protocol is None:
+        if self._child is None:
             return ""
         if self.log_path is not None:
             return _file_tail(self.log_path, self._log_offset)
-        return self._protocol.tail.text()
+        return self._child.tail.text()
 
     async def stop(self, timeout: float) -> int | None:
         """SIGTERM the group, SIGKILL it after `timeout`, return the status.
@@ -623,28 +685,28 @@ class ManagedProcess:
         still ended) or was never started (returns None). Concurrent calls share
         one stop.
         """
-        if self._protocol is None:
+        if self._child is None:
             return None
         if self._stopping is None or self._stopping.done():
             self._stopping = asyncio.ensure_future(self._stop(timeout))
         return await asyncio.shield(self._stopping)
 
     async def _stop(self, timeout: float) -> int | None:
-        protocol = self._protocol
-        assert protocol is not None and self._pgid is not None
-        if not protocol.exited.done():
+        child = self._child
+        assert child is not None and self._pgid is not None
+        if not child.exited.done():
             logger.debug(
                 "stopping process %d",
                 self._pgid,
                 extra={"service": self.service, "pid": self._pgid},
             )
-        await _end_group(self._pgid, protocol.exited, timeout)
-        if not protocol.exited.done():
+        await _end_group(self._pgid, child.exited, timeout)
+        if not child.exited.done():
             logger.warning(
                 "process %d did not exit after SIGKILL",
                 self._pgid,
                 extra={"service": self.service, "pid": self._pgid},
             )
             return None
-        await asyncio.wait({protocol.output_closed}, timeout=PIPE_GRACE)
-        return protocol.exited.result()
+        await asyncio.wait({child.output_closed}, timeout=PIPE_GRACE)
+        return child.exited.result()
