@@ -1339,3 +1339,326 @@ def test_gateway_runs_the_compiled_extension(proxy):
     with open(f"/proc/{gw.process.pid}/maps") as maps:
         mapped = [line for line in maps if "_fast/proxy" in line]
     assert mapped and all(line.rstrip().endswith(".so") for line in mapped), mapped
+
+
+# -- response framing: heads the gateway frames itself vs httptools ----------
+#
+# A response whose head arrives whole with one plain Content-Length is framed
+# by the gateway (heads.simple_response) and its body counted; anything else
+# goes through httptools. These tests pin the edges of that split.
+
+
+class ScriptedUpstream:
+    """An upstream on raw sockets that answers the n-th request head it sees
+    (over all connections) with ``replies[n]``: a list of pieces sent with a
+    short pause between them, so each tends to arrive as its own read."""
+
+    def __init__(self, replies: list[list[bytes]]):
+        self.replies = replies
+        self.answered = 0
+        self.connections = 0
+        self.heads: list[bytes] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.sock.settimeout(10)
+        self.port = self.sock.getsockname()[1]
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        for _ in range(len(self.replies)):
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        buffer = b""
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                buffer += data
+                while b"\r\n\r\n" in buffer:
+                    head, _, buffer = buffer.partition(b"\r\n\r\n")
+                    with self.lock:
+                        self.heads.append(head)
+                        reply = self.replies[self.answered]
+                        self.answered += 1
+                    for i, piece in enumerate(reply):
+                        if i:
+                            time.sleep(0.03)
+                        conn.sendall(piece)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def scripted(gateway):
+    """Factory: ``scripted(replies)`` -> (gateway, ScriptedUpstream) for app."""
+    made: list[ScriptedUpstream] = []
+
+    def make(replies):
+        upstream = ScriptedUpstream(replies)
+        made.append(upstream)
+        gw = gateway(
+            "listen: {listen}\n"
+            "services:\n"
+            "  app:\n"
+            f"    upstream: http://127.0.0.1:{upstream.port}\n"
+            "    proxy_only: true\n"
+        )
+        return gw, upstream
+
+    yield make
+    for upstream in made:
+        upstream.close()
+
+
+OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+
+
+def test_length_body_in_pieces_arrives_exactly_and_connection_reused(scripted):
+    gw, upstream = scripted(
+        [
+            [OK_HEAD, b"he", b"l", b"lo"],
+            [b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye"],
+        ]
+    )
+    with Client(gw.port) as client:
+        first = client.get("/one")
+        second = client.get("/two")
+    assert (first.status, first.body) == (200, b"hello")
+    assert (second.status, second.body) == (200, b"bye")
+    assert upstream.connections == 1
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["same-read", "later-read"])
+def test_bytes_beyond_content_length_never_reach_the_client(scripted, split):
+    extra = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL"
+    if split:
+        pieces = [OK_HEAD + b"hel", b"lo" + extra]
+    else:
+        pieces = [OK_HEAD + b"hello" + extra]
+    gw, upstream = scripted(
+        [pieces, [b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext"]]
+    )
+    with Client(gw.port) as client:
+        first = client.get("/one")
+        assert (first.status, first.body) == (200, b"hello")
+        # The stray bytes must not pass for the next answer on this
+        # connection; the gateway may close it instead.
+        try:
+            second = client.get("/two")
+        except (EOFError, ConnectionError):
+            second = None
+    if second is None:
+        with Client(gw.port) as client:
+            second = client.get("/two")
+    # The confused upstream connection is not reused either.
+    assert (second.status, second.body) == (200, b"next")
+    assert upstream.connections == 2
+
+
+@pytest.mark.parametrize(
+    "head, reused",
+    [
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n", False),
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\n"
+            b"Content-Length: 2\r\n\r\n",
+            False,
+        ),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n", False),
+        (
+            b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\n",
+            True,
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", True),
+    ],
+    ids=["close", "close-token", "http10", "http10-keepalive", "http11"],
+)
+def test_upstream_reuse_follows_the_response_connection_header(scripted, head, reused):
+    gw, upstream = scripted([[head + b"ok"], [head + b"ok"]])
+    with Client(gw.port) as client:
+        for _ in range(2):
+            resp = client.get("/")
+            assert (resp.status, resp.body) == (200, b"ok")
+            assert resp.version == "HTTP/1.1"
+            assert resp.get("Connection") is None
+    assert upstream.connections == (1 if reused else 2)
+
+
+def test_head_response_with_length_then_get_on_one_upstream(scripted):
+    gw, upstream = scripted(
+        [[b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"], [OK_HEAD, b"hello"]]
+    )
+    with Client(gw.port) as client:
+        client.send(b"HEAD / HTTP/1.1\r\nHost: app\r\n\r\n")
+        head = client.response(method="HEAD")
+        assert head.get("Content-Length") == "1000"
+        resp = client.get("/")
+    assert (resp.status, resp.body) == (200, b"hello")
+    assert upstream.connections == 1
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        # Each leaves the gateway's own framing for httptools.
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length:  5 \r\nX-Tab:\tv\r\n\r\nhello",
+        b"HTTP/1.1 200\r\nContent-Length: 5\r\n\r\nhello",
+    ],
+    ids=["chunked", "spaced-length", "no-reason"],
+)
+def test_responses_either_path_frames_arrive_intact(scripted, head):
+    gw, _ = scripted([[head], [head]])
+    with Client(gw.port) as client:
+        for _ in range(2):
+            resp = client.get("/")
+            assert (resp.status, resp.body) == (200, b"hello")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"HTTP/1.1 200 OK\r\nBad Name: x\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX: a\x01b\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello",
+    ],
+    ids=["two-lengths", "space-in-name", "control-char", "signed-length"],
+)
+def test_malformed_response_heads_get_502_from_either_path(scripted, head):
+    gw, _ = scripted([[head]])
+    with Client(gw.port) as client:
+        resp = client.get("/")
+    assert resp.status == 502
+    assert b"malformed" in resp.body
+
+
+# -- request heads: the gateway's own reading vs httptools -------------------
+#
+# A bodiless request head that arrives whole in one read is read by the
+# gateway (heads.simple_request); split over reads, the same head goes
+# through httptools. Both must forward exactly the same bytes.
+
+
+def send_head(client: Client, head: bytes, split: bool) -> None:
+    """Send a head in one piece, or in two reads with a pause between them
+    (cut inside its request line), so httptools has to read it."""
+    if split:
+        client.send(head[:8])
+        time.sleep(0.05)
+        client.send(head[8:])
+    else:
+        client.send(head)
+
+
+SAME_EITHER_WAY = [
+    b"GET /plain HTTP/1.1\r\nHost: app\r\n\r\n",
+    b"GET /a-._~:/?q=1&r=%20#[]@!$'()*+,; HTTP/1.1\r\nHost: app:80\r\n"
+    b"User-Agent: t\r\n\r\n",
+    b"HEAD / HTTP/1.1\r\nHost: app\r\nX-Pad:   lead and trail  \r\n"
+    b"X-Tab:\tv\t\r\nX-Empty:\r\n\r\n",
+    b"DELETE /x HTTP/1.1\r\nhost: APP\r\nContent-Length: 0\r\n\r\n",
+    b"OPTIONS /x HTTP/1.1\r\nHost: app\r\nConnection: X-Drop, keep-alive\r\n"
+    b"X-Drop: gone\r\nX-Keep: kept\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: app\r\nX-Forwarded-For: 10.0.0.1\r\n"
+    b"X-Forwarded-For: 10.0.0.2\r\nCookie: a=1\r\nCookie: b=2\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: app\r\nKeep-Alive: 5\r\nTE: trailers\r\n"
+    b"Proxy-Authorization: x\r\n\r\n",
+    b"GET /obs HTTP/1.1\r\nHost: app\r\nX-Name: caf\xc3\xa9\r\n\r\n",
+    b"GET /ten HTTP/1.0\r\nHost: app\r\n\r\n",
+    b"PATCH /p HTTP/1.1\r\nHost: app\r\nExpect: 100-continue\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("request_head", SAME_EITHER_WAY)
+def test_request_head_forwarded_the_same_whole_or_split(scripted, request_head):
+    reply = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+    gw, upstream = scripted([reply, reply])
+    method = request_head.split(b" ", 1)[0].decode()
+    # Whole: one send, read by the gateway itself. Split: the head arrives in
+    # two reads, so httptools reads it.
+    with Client(gw.port) as client:
+        client.send(request_head)
+        whole = client.response(method=method)
+    with Client(gw.port) as client:
+        send_head(client, request_head, split=True)
+        split = client.response(method=method)
+    assert whole.status == split.status == 200
+    assert whole.raw_head == split.raw_head
+    assert len(upstream.heads) == 2
+    assert upstream.heads[0] == upstream.heads[1]
+    forwarded = upstream.heads[0]
+    assert b"X-Drop" not in forwarded and b"Keep-Alive" not in forwarded
+    assert b"Proxy-Authorization" not in forwarded and b"\r\nTE:" not in forwarded
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+@pytest.mark.parametrize(
+    "request_head, persists",
+    [
+        (b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close, X-Foo\r\n\r\n", False),
+        (b"GET / HTTP/1.1\r\nHost: app\r\nConnection: X-Foo,CLOSE\r\n\r\n", False),
+        (b"GET / HTTP/1.1\r\nHost: app\r\nConnection: keep-alive\r\n\r\n", True),
+        (b"GET / HTTP/1.0\r\nHost: app\r\n\r\n", False),
+        (b"GET / HTTP/1.0\r\nHost: app\r\nConnection: keep-alive\r\n\r\n", True),
+    ],
+    ids=["close-first", "close-last", "keep-alive", "http10", "http10-keep-alive"],
+)
+def test_client_connection_header_decides_persistence_either_way(
+    scripted, request_head, persists, split
+):
+    reply = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+    gw, _ = scripted([reply])
+    with Client(gw.port) as client:
+        send_head(client, request_head, split)
+        resp = client.response()
+        assert (resp.status, resp.body) == (200, b"ok")
+        assert client.closed_by_peer(timeout=0.5) is not persists
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET /a HTTP/1.1\r\nHost: app\r\nX: a\x7fb\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: app\r\nBad Name: x\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: app\r\nContent-Length: 0\r\n"
+        b"Content-Length: 0\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: app\r\nX: a\rb\r\n\r\n",
+        b"GET /a HTTP/1.1\nHost: app\r\n\r\n",
+        b"get /a HTTP/1.1\r\nHost: app\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: app\r\n X: folded\r\n\r\n",
+    ],
+    ids=[
+        "del-char",
+        "space-in-name",
+        "two-lengths",
+        "bare-cr",
+        "bare-lf",
+        "lowercase-method",
+        "obs-fold",
+    ],
+)
+def test_malformed_request_heads_get_400_whole_or_split(scripted, request_head):
+    gw, upstream = scripted([])
+    for split in (False, True):
+        with Client(gw.port) as client:
+            send_head(client, request_head, split)
+            resp = client.response()
+            assert resp.status == 400, (split, resp.body)
+            assert client.closed_by_peer()
+    assert upstream.heads == []

@@ -24,10 +24,28 @@ cdef struct ResponseInfo:
     bint names_others
 
 
+cdef struct Framing:
+    # A response head simple_response could frame on its own.
+    int status
+    long long length
+    bint keep_alive
+
+
+cdef struct RequestHead:
+    # A request head simple_request could read on its own.
+    Py_ssize_t target_start
+    Py_ssize_t target_end
+    # Offset of the first header line.
+    Py_ssize_t headers
+
+
 cdef int header_kind(const char *name, Py_ssize_t length) noexcept nogil
 cdef bint connection_names_others(bytes value) except -1
 cdef Py_ssize_t head_end(bytes data, Py_ssize_t start) except -1
 cdef int scan_response(bytes head, ResponseInfo *info) except -1
+cdef Py_ssize_t simple_response(bytes data, Framing *framing) except -1
+cdef Py_ssize_t simple_request(bytes data, RequestHead *head) except -1
+cdef bint keep_alive_of(bint http10, bytes connection) except -1
 cdef bytes rewrite_response(bytes head, bint keep_upgrade, bytes tail,
                             object drop)
 cdef set connection_tokens(bytes value)

@@ -1,13 +1,17 @@
-# Header names and response heads, handled on raw bytes.
+# Request and response heads, handled on raw bytes.
 #
-# httptools (llhttp in strict mode) has already validated every head passed
-# here: lines end in CRLF, header names are tokens followed by ':', there is
-# no obs-fold. So a plain scan for ':' and CR is enough, and a response head
-# is rewritten with one copy instead of a Python object per header.
+# Two kinds of head pass through here. Heads httptools (llhttp in strict
+# mode) has already validated: their lines end in CRLF, header names are
+# tokens followed by ':', there is no obs-fold, so a plain scan for ':' and
+# CR is enough and a response head is rewritten with one copy instead of a
+# Python object per header. And the common simple heads that arrive whole in
+# one read, which simple_request and simple_response check byte by byte
+# against a strict subset of what llhttp accepts, so the hot path can skip
+# httptools and its Python callbacks for them.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdlib cimport free, malloc
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcmp, memcpy
 
 
 cdef inline bint same(const char *text, const char *lower,
@@ -71,26 +75,8 @@ cdef bint connection_names_others(bytes value) except -1:
 cdef bint names_others(const char *p, Py_ssize_t n) noexcept nogil:
     # True when a Connection value lists a token other than close,
     # keep-alive or upgrade: those tokens name headers to drop.
-    cdef Py_ssize_t i = 0, start, end
-    while i < n:
-        while i < n and (is_space(p[i]) or p[i] == 44):
-            i += 1
-        start = i
-        while i < n and p[i] != 44:
-            i += 1
-        end = i
-        while end > start and is_space(p[end - 1]):
-            end -= 1
-        if end == start:
-            continue
-        if end - start == 5 and same(p + start, b"close", 5):
-            continue
-        if end - start == 10 and same(p + start, b"keep-alive", 10):
-            continue
-        if end - start == 7 and same(p + start, b"upgrade", 7):
-            continue
-        return True
-    return False
+    cdef bint close = False, keep = False, upgrade = False
+    return connection_flags(p, n, &close, &keep, &upgrade)
 
 
 cdef set connection_tokens(bytes value):
@@ -141,6 +127,239 @@ cdef int scan_response(bytes head, ResponseInfo *info) except -1:
                 info.names_others = True
         i = eol + 2
     return 0
+
+
+# Byte classes for simple_response, one table lookup per byte.
+cdef enum:
+    TCHAR = 1  # RFC 9110 token character
+    TEXT = 2   # field value or reason phrase: HTAB, SP, VCHAR
+
+cdef unsigned char CLASS[256]
+
+
+cdef void fill_classes() noexcept:
+    cdef int c
+    for c in range(256):
+        CLASS[c] = 0
+        if c == 9 or 32 <= c <= 126:
+            CLASS[c] |= TEXT
+        if (48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122 or
+                c in b"!#$%&'*+-.^_`|~"):
+            CLASS[c] |= TCHAR
+
+
+fill_classes()
+
+
+cdef inline Py_ssize_t field_line(const unsigned char *p, Py_ssize_t i,
+                                  Py_ssize_t n,
+                                  Py_ssize_t *colon) noexcept nogil:
+    # The line at i of a head being checked. A well-formed field line (a
+    # token, ':', a printable value, CRLF): the offset of its CR, and its
+    # colon's offset in colon. The empty line ending the head: minus the
+    # offset just past it. 0 if the line is malformed or not complete in n.
+    cdef Py_ssize_t start = i
+    if i + 1 >= n:
+        return 0
+    if p[i] == 13:
+        return -(i + 2) if p[i + 1] == 10 else 0
+    while i < n and CLASS[p[i]] & TCHAR:
+        i += 1
+    if i == start or i >= n or p[i] != 58:
+        return 0
+    colon[0] = i
+    i += 1
+    while i < n and CLASS[p[i]] & TEXT:
+        i += 1
+    if i + 1 >= n or p[i] != 13 or p[i + 1] != 10:
+        return 0
+    return i
+
+
+cdef Py_ssize_t simple_response(bytes data, Framing *framing) except -1:
+    """The length of the response head at the start of ``data`` when httptools
+    is not needed to frame the response: the whole head is there, strictly
+    well formed (HTTP/1.0 or 1.1, token names, CRLF line ends, only HTAB and
+    printable ASCII in values), with exactly one plain Content-Length and
+    no Transfer-Encoding. 0 otherwise: the caller then lets httptools parse it.
+
+    Everything accepted here is accepted by llhttp in strict mode with the
+    same meaning, so the two paths cannot frame one response differently."""
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = len(data), i, start, colon = 0, eol, j, end
+    cdef bint http11, close = False, keep = False, upgrade = False
+    cdef int lengths = 0, kind
+    cdef long long length = 0
+    if n < 16 or memcmp(p, b"HTTP/1.", 7) != 0 or p[8] != 32:
+        return 0
+    if p[7] == 49:
+        http11 = True
+    elif p[7] == 48:
+        http11 = False
+    else:
+        return 0
+    for i in range(9, 12):
+        if not 48 <= p[i] <= 57:
+            return 0
+    framing.status = (p[9] - 48) * 100 + (p[10] - 48) * 10 + p[11] - 48
+    i = 12
+    if p[i] == 32:
+        i += 1
+        while i < n and CLASS[p[i]] & TEXT:
+            i += 1
+    if i + 1 >= n or p[i] != 13 or p[i + 1] != 10:
+        return 0
+    i += 2
+    while True:
+        eol = field_line(p, i, n, &colon)
+        if eol <= 0:
+            break
+        kind = header_kind(<const char *>p + i, colon - i)
+        if kind == HEADER_TRANSFER_ENCODING:
+            return 0
+        if kind == HEADER_CONTENT_LENGTH:
+            lengths += 1
+            j = colon + 1
+            while j < eol and is_space(p[j]):
+                j += 1
+            start = j
+            while j < eol and 48 <= p[j] <= 57 and j - start < 18:
+                length = length * 10 + p[j] - 48
+                j += 1
+            if j == start:
+                return 0
+            while j < eol and is_space(p[j]):
+                j += 1
+            if j != eol:
+                return 0
+        elif kind == HEADER_CONNECTION:
+            connection_flags(<const char *>p + colon + 1, eol - colon - 1,
+                             &close, &keep, &upgrade)
+        i = eol + 2
+    if eol == 0 or lengths != 1:
+        return 0
+    end = -eol
+    framing.length = length
+    framing.keep_alive = persists(http11, close, keep)
+    return end
+
+
+cdef bint connection_flags(const char *p, Py_ssize_t n, bint *close,
+                           bint *keep, bint *upgrade) noexcept nogil:
+    # Sets close / keep / upgrade when the Connection value lists those
+    # tokens (case-insensitive, anywhere in the list); returns whether it
+    # lists any other token.
+    cdef Py_ssize_t i = 0, start, end
+    cdef bint others = False
+    while i < n:
+        while i < n and (is_space(p[i]) or p[i] == 44):
+            i += 1
+        start = i
+        while i < n and p[i] != 44:
+            i += 1
+        end = i
+        while end > start and is_space(p[end - 1]):
+            end -= 1
+        if end == start:
+            continue
+        if end - start == 5 and same(p + start, b"close", 5):
+            close[0] = True
+        elif end - start == 10 and same(p + start, b"keep-alive", 10):
+            keep[0] = True
+        elif end - start == 7 and same(p + start, b"upgrade", 7):
+            upgrade[0] = True
+        else:
+            others = True
+    return others
+
+
+cdef inline bint persists(bint http11, bint close, bint keep) noexcept nogil:
+    # RFC 9112 section 9.3: HTTP/1.1 persists unless "close" is listed,
+    # HTTP/1.0 only with "keep-alive" (and "close" always wins).
+    return not close if http11 else keep and not close
+
+
+cdef bint keep_alive_of(bint http10, bytes connection) except -1:
+    """Whether a request's connection persists, from its version and its
+    Connection header values (joined with commas, or None)."""
+    cdef bint close = False, keep = False, upgrade = False
+    if connection is not None:
+        connection_flags(PyBytes_AS_STRING(connection), len(connection),
+                         &close, &keep, &upgrade)
+    return persists(not http10, close, keep)
+
+
+cdef Py_ssize_t simple_request(bytes data, RequestHead *head) except -1:
+    """The length of the request head at the start of ``data`` when httptools
+    is not needed for it: the whole head is there and is strictly well
+    formed (a common method, an origin-form target of printable ASCII,
+    HTTP/1.0 or 1.1, token names, values of HTAB and printable ASCII, CRLF
+    line ends), and nothing in it asks for more than a head: no body (a
+    Content-Length of 0 at most), no Transfer-Encoding, no upgrade. 0
+    otherwise: the caller then feeds the bytes to httptools.
+
+    Everything accepted here is accepted by llhttp in strict mode and read
+    the same way, so a request cannot mean one thing on one path and
+    another on the other."""
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = len(data), i, colon = 0, eol, j, end
+    cdef bint close = False, keep = False, upgrade = False
+    cdef int lengths = 0, kind
+    if n < 18:
+        return 0
+    if memcmp(p, b"GET ", 4) == 0:
+        i = 4
+    elif memcmp(p, b"HEAD ", 5) == 0 or memcmp(p, b"POST ", 5) == 0:
+        i = 5
+    elif memcmp(p, b"PUT ", 4) == 0:
+        i = 4
+    elif memcmp(p, b"PATCH ", 6) == 0:
+        i = 6
+    elif memcmp(p, b"DELETE ", 7) == 0:
+        i = 7
+    elif memcmp(p, b"OPTIONS ", 8) == 0:
+        i = 8
+    else:
+        return 0
+    if p[i] != 47:
+        # Not origin-form ("/..."): absolute-form and "*" take the
+        # general path.
+        return 0
+    head.target_start = i
+    while i < n and 33 <= p[i] <= 126:
+        i += 1
+    head.target_end = i
+    if i + 10 > n or memcmp(p + i, b" HTTP/1.", 8) != 0:
+        return 0
+    if p[i + 8] != 49 and p[i + 8] != 48:
+        return 0
+    if p[i + 9] != 13 or i + 10 >= n or p[i + 10] != 10:
+        return 0
+    i += 11
+    while True:
+        eol = field_line(p, i, n, &colon)
+        if eol <= 0:
+            break
+        kind = header_kind(<const char *>p + i, colon - i)
+        if kind == HEADER_TRANSFER_ENCODING or kind == HEADER_UPGRADE:
+            return 0
+        if kind == HEADER_CONTENT_LENGTH:
+            lengths += 1
+            j = colon + 1
+            while j < eol and is_space(p[j]):
+                j += 1
+            if j + 1 != eol or p[j] != 48:
+                # Anything but exactly "0": a body, for httptools.
+                return 0
+        elif kind == HEADER_CONNECTION:
+            connection_flags(<const char *>p + colon + 1, eol - colon - 1,
+                             &close, &keep, &upgrade)
+        i = eol + 2
+    if eol == 0 or lengths > 1 or upgrade:
+        return 0
+    end = -eol
+    head.headers = head.target_end + 11
+    return end
 
 
 cdef bytes rewrite_response(bytes head, bint keep_upgrade, bytes tail,

@@ -2,6 +2,8 @@
 # admin) reach these objects through their public attributes; nothing else
 # cimports them yet.
 
+from dynapm._fast.heads cimport Framing, RequestHead
+
 cdef class ServiceState:
     cdef public str name
     cdef public bint online
@@ -117,6 +119,8 @@ cdef class Downstream:
     cdef bytes data
     cdef bytes line_data
     cdef bint at_boundary
+    # True while a head read by simple_request (not httptools) is finished.
+    cdef bint simple
     cdef Route last_route
     cdef object get_method
     cdef object get_http_version
@@ -138,6 +142,10 @@ cdef class Downstream:
     cdef double linger_until
 
     cdef int _finish_head(self) except -1
+    cdef int _message_begin(self) except -1
+    cdef int _header(self, bytes name, bytes value) except -1
+    cdef int _message_complete(self) except -1
+    cdef int _simple_request(self, bytes data, RequestHead *head) except -1
     cdef int _new_parser(self) except -1
     cdef bint _read_request_line(self, Exchange ex) except -1
     cdef int _next(self) except -1
@@ -171,6 +179,7 @@ cdef class Upstream:
     cdef bytes buf
     cdef bytes carry
     cdef Py_ssize_t scan
+    cdef long long remaining
     cdef bint in_head
     cdef bint interim
     cdef bint got_bytes
@@ -194,7 +203,11 @@ cdef class Upstream:
     cdef int _begin(self, Downstream downstream, Exchange ex) except -1
     cdef int _new_parser(self) except -1
     cdef int _detach(self) except -1
-    cdef int _response_head(self, bytes head) except -1
+    cdef int _response_head(self, bytes head, int status,
+                            int keep_alive) except -1
+    cdef int _stray(self) except -1
+    cdef bint _simple_head(self, bytes data, Py_ssize_t end,
+                           Framing *framing) except -1
     cdef int _complete(self) except -1
     cdef int _pause_reading(self) except -1
     cdef int _resume_reading(self) except -1

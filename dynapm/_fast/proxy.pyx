@@ -30,13 +30,18 @@ from dynapm._fast.heads cimport (
     HEADER_TRANSFER_ENCODING,
     HEADER_UPGRADE,
     HEADER_X_FORWARDED_FOR,
+    Framing,
+    RequestHead,
     ResponseInfo,
     connection_names_others,
     connection_tokens,
     head_end,
     header_kind,
+    keep_alive_of,
     rewrite_response,
     scan_response,
+    simple_request,
+    simple_response,
 )
 from dynapm.errors import StartError
 
@@ -333,6 +338,8 @@ cdef class Downstream:
 
     def data_received(self, bytes data):
         cdef Exchange ex
+        cdef RequestHead head
+        cdef Py_ssize_t end
         if self.closing:
             return
         if self.raw:
@@ -352,6 +359,15 @@ cdef class Downstream:
             return
         if self.broken:
             return
+        if self.parsing is None and not self.in_head:
+            # At a message boundary (httptools has seen nothing of the next
+            # request): a simple bodiless head arriving whole in this read
+            # is read here, without httptools (see heads.simple_request).
+            end = simple_request(data, &head)
+            if end == len(data):
+                self._simple_request(data, &head)
+                self._after_feed()
+                return
         # A message starting with this feed starts at offset 0 of data.
         self.data = data
         self.at_boundary = self.parsing is None and not self.in_head
@@ -376,6 +392,33 @@ cdef class Downstream:
                             % self.settings.max_header)
                 return
         self._after_feed()
+
+    cdef int _simple_request(self, bytes data, RequestHead *head) except -1:
+        # The same steps as the parser callbacks, in the same order, on the
+        # head simple_request has checked: it ends in CRLF CRLF, every line
+        # in CRLF, every name in ':'.
+        cdef const char *p = PyBytes_AS_STRING(data)
+        cdef Py_ssize_t i = head.headers, last = len(data) - 2
+        cdef Py_ssize_t eol, colon, value
+        self.data = data
+        self.at_boundary = True
+        self._message_begin()
+        self.target = data[head.target_start:head.target_end]
+        self.head_size = head.target_end - head.target_start
+        while i < last:
+            eol = <const char *>memchr(p + i, 13, last - i) - p
+            colon = <const char *>memchr(p + i, 58, eol - i) - p
+            value = colon + 1
+            while value < eol and (p[value] == 32 or p[value] == 9):
+                value += 1
+            self._header(data[i:colon], data[value:eol])
+            i = eol + 2
+        self.simple = True
+        self._finish_head()
+        self.simple = False
+        self.data = None
+        self._message_complete()
+        return 0
 
     cdef int _after_feed(self) except -1:
         if self.current is None:
@@ -464,9 +507,12 @@ cdef class Downstream:
     # -- parser callbacks (httptools looks them up by name) ---------------
 
     def on_message_begin(self):
+        self._message_begin()
+
+    cdef int _message_begin(self) except -1:
         cdef Exchange ex
         if self.broken:
-            return
+            return 0
         ex = Exchange()
         self.parsing = ex
         self.in_head = True
@@ -490,17 +536,21 @@ cdef class Downstream:
             self.head_started = now()
         elif self.idle_since > self.head_started:
             self.head_started = now()
+        return 0
 
     def on_url(self, bytes url):
         self.target = url if self.target is None else self.target + url
         self.head_size += len(url)
 
     def on_header(self, bytes name, bytes value):
+        self._header(name, value)
+
+    cdef int _header(self, bytes name, bytes value) except -1:
         cdef int kind
         cdef list parts
         if not self.in_head:
             # Trailers after a chunked body are not forwarded.
-            return
+            return 0
         self.head_size += len(name) + len(value) + 4
         kind = header_kind(PyBytes_AS_STRING(name), len(name))
         if kind == HEADER_OTHER or kind == HEADER_CONTENT_LENGTH or \
@@ -528,6 +578,7 @@ cdef class Downstream:
             self.forwarded_for.append(value)
         # Anything else is hop-by-hop (RFC 9110 section 7.6.1) or a
         # forwarding header this gateway sets itself: dropped.
+        return 0
 
     def on_headers_complete(self):
         self._finish_head()
@@ -562,9 +613,12 @@ cdef class Downstream:
         ex.pending_size += size
 
     def on_message_complete(self):
+        self._message_complete()
+
+    cdef int _message_complete(self) except -1:
         cdef Exchange ex = self.parsing
         if ex is None:
-            return
+            return 0
         self.parsing = None
         if ex.chunked and not ex.error_status:
             # Trailers are not forwarded: the chunked body ends here.
@@ -573,6 +627,7 @@ cdef class Downstream:
         if not ex.keep_alive:
             # Nothing after this request is read (RFC 9112 section 9.6).
             self.broken = True
+        return 0
 
     cdef int _finish_head(self) except -1:
         cdef Exchange ex = self.parsing
@@ -595,7 +650,12 @@ cdef class Downstream:
         self.line_data = None
         method = ex.method
         ex.is_head = method == b"HEAD"
-        ex.keep_alive = self.should_keep_alive()
+        # Our own reading of the Connection header, on both paths: llhttp
+        # misses a "close" listed beside other tokens. Where llhttp reads
+        # no keep-alive, its parser would refuse the next request anyway.
+        ex.keep_alive = keep_alive_of(ex.http10, self.connection)
+        if ex.keep_alive and not self.simple:
+            ex.keep_alive = self.should_keep_alive()
         ex.target = self.target if self.target is not None else b""
 
         if self.hosts > 1:
@@ -1168,6 +1228,7 @@ cdef class Upstream:
         self.in_head = True
         self.scan = 0
         self.carry = None
+        self.remaining = 0
         self.uses += 1
         self.got_bytes = False
         self.head_forwarded = False
@@ -1189,6 +1250,8 @@ cdef class Upstream:
     def data_received(self, bytes data):
         cdef Downstream downstream = self.downstream
         cdef list out
+        cdef Framing framing
+        cdef Py_ssize_t size, end
         self.last_activity = now()
         if downstream is None:
             # Bytes on an idle pooled connection: the backend is confused.
@@ -1200,6 +1263,28 @@ cdef class Upstream:
             downstream.write(data)
             return
         self.got_bytes = True
+        if self.remaining:
+            # The rest of a body whose length a simple head gave: counted,
+            # not parsed.
+            size = len(data)
+            if size >= self.remaining:
+                if size > self.remaining:
+                    data = data[:self.remaining]
+                    self.broken = True
+                self.remaining = 0
+                self.finished = True
+            else:
+                self.remaining -= size
+            downstream.write(data)
+            if self.broken:
+                self._stray()
+            elif self.finished:
+                self._complete()
+            return
+        if self.in_head and self.carry is None:
+            end = simple_response(data, &framing)
+            if end and self._simple_head(data, end, &framing):
+                return
         out = self.out = []
         if self.in_head:
             # The head is read from the raw bytes (see on_headers_complete);
@@ -1235,6 +1320,9 @@ cdef class Upstream:
             self.ex.status = 101
             downstream._tunnel_open()
             return
+        if self.broken and self.finished:
+            self._stray()
+            return
         if self.broken:
             self.ex.route.service.upstream_errors += 1
             downstream._upstream_failed(
@@ -1244,16 +1332,65 @@ cdef class Upstream:
         if self.finished:
             self._complete()
 
+    cdef int _stray(self) except -1:
+        # Bytes after a complete response: the client has its whole answer
+        # and never sees them; the connection is closed instead of reused.
+        logger.warning("service %r sent bytes after a complete response",
+                       self.ex.route.service.name,
+                       extra={"service": self.ex.route.service.name})
+        self._complete()
+        return 0
+
+    cdef bint _simple_head(self, bytes data, Py_ssize_t end,
+                           Framing *framing) except -1:
+        # A response whose head arrived whole in one read and frames its
+        # body with a plain Content-Length (see heads.simple_response) is
+        # forwarded without httptools: the parser, still at a message
+        # boundary, never sees it. False leaves the response to httptools.
+        cdef Exchange ex = self.ex
+        cdef int status = framing.status
+        cdef long long body = len(data) - end
+        cdef long long expected = framing.length
+        cdef list out
+        if status < 200:
+            # Interim answers and 101 take the general path.
+            return False
+        if ex.is_head or status == 204 or status == 304:
+            expected = 0
+        if body > expected:
+            # Bytes beyond the response: httptools reports them.
+            return False
+        out = self.out = []
+        self._response_head(data if body == 0 else data[:end], status,
+                            framing.keep_alive)
+        if body:
+            out.append(data[end:])
+        self.keep_alive = framing.keep_alive
+        self.remaining = expected - body
+        if not self.remaining:
+            self.finished = True
+        self.downstream.write(out[0] if len(out) == 1 else b"".join(out))
+        if self.finished:
+            self._complete()
+        return True
+
     # -- parser callbacks ----------------------------------------------------
     # Only these are defined, so httptools does no per-header work at all:
     # the head is taken from the raw bytes it has just validated.
 
     def on_headers_complete(self):
         cdef bytes buf = self.buf
-        cdef Py_ssize_t end = head_end(buf, self.scan)
-        cdef bytes head = buf[self.scan:end]
+        cdef Py_ssize_t end
+        cdef bytes head
+        if self.finished:
+            # Another response after the complete one, unasked for: never
+            # passed on, and the connection is not reused.
+            self.broken = True
+            return
+        end = head_end(buf, self.scan)
+        head = buf[self.scan:end]
         self.scan = end
-        self._response_head(head)
+        self._response_head(head, self.get_status_code(), -1)
 
     def on_body(self, bytes body):
         if self.finished or self.interim:
@@ -1276,10 +1413,12 @@ cdef class Upstream:
             self.out.append(b"0\r\n\r\n")
         self.finished = True
 
-    cdef int _response_head(self, bytes head) except -1:
+    cdef int _response_head(self, bytes head, int status,
+                            int keep_alive) except -1:
+        # keep_alive: whether the upstream connection may be reused after
+        # this response, or -1 to ask the parser once it is known.
         cdef Exchange ex = self.ex
         cdef Downstream downstream = self.downstream
-        cdef int status = self.get_status_code()
         cdef bint no_body, close
         cdef ResponseInfo info
         cdef object drop = None
@@ -1328,8 +1467,11 @@ cdef class Upstream:
         if no_body:
             # httptools cannot be told the response answers a HEAD request,
             # so end the message here and parse the next one afresh.
-            self.keep_alive = self.should_keep_alive()
             self.finished = True
+            if keep_alive >= 0:
+                self.keep_alive = keep_alive
+                return 0
+            self.keep_alive = self.should_keep_alive()
             if ex.is_head:
                 self.new_parser = True
         return 0
