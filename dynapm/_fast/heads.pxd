@@ -29,6 +29,8 @@ cdef struct Framing:
     int status
     long long length
     bint keep_alive
+    # See ResponseInfo.names_others.
+    bint names_others
 
 
 cdef struct RequestHead:

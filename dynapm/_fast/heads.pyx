@@ -202,6 +202,7 @@ cdef Py_ssize_t simple_response(bytes data, Framing *framing) except -1:
         if not 48 <= p[i] <= 57:
             return 0
     framing.status = (p[9] - 48) * 100 + (p[10] - 48) * 10 + p[11] - 48
+    framing.names_others = False
     i = 12
     if p[i] == 32:
         i += 1
@@ -233,8 +234,9 @@ cdef Py_ssize_t simple_response(bytes data, Framing *framing) except -1:
             if j != eol:
                 return 0
         elif kind == HEADER_CONNECTION:
-            connection_flags(<const char *>p + colon + 1, eol - colon - 1,
-                             &close, &keep, &upgrade)
+            if connection_flags(<const char *>p + colon + 1, eol - colon - 1,
+                                &close, &keep, &upgrade):
+                framing.names_others = True
         i = eol + 2
     if eol == 0 or lengths != 1:
         return 0

@@ -17,7 +17,7 @@ from httptools.parser.errors import HttpParserError, HttpParserUpgrade
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
 from libc.string cimport memchr, memcmp
@@ -97,6 +97,13 @@ cdef bytes METHOD_POST = b"POST"
 cdef frozenset IDEMPOTENT = frozenset([
     b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE",
 ])
+
+
+cdef inline bytes cut(bytes data, Py_ssize_t start, Py_ssize_t end):
+    # data[start:end] for offsets known to be in range, without the index
+    # and slice objects a Python-level slice allocates.
+    return PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + start,
+                                     end - start)
 
 
 cdef inline double now() noexcept:
@@ -403,7 +410,7 @@ cdef class Downstream:
         self.data = data
         self.at_boundary = True
         self._message_begin()
-        self.target = data[head.target_start:head.target_end]
+        self.target = cut(data, head.target_start, head.target_end)
         self.head_size = head.target_end - head.target_start
         while i < last:
             eol = <const char *>memchr(p + i, 13, last - i) - p
@@ -411,7 +418,7 @@ cdef class Downstream:
             value = colon + 1
             while value < eol and (p[value] == 32 or p[value] == 9):
                 value += 1
-            self._header(data[i:colon], data[value:eol])
+            self._header(cut(data, i, colon), cut(data, value, eol))
             i = eol + 2
         self.simple = True
         self._finish_head()
@@ -1269,7 +1276,7 @@ cdef class Upstream:
             size = len(data)
             if size >= self.remaining:
                 if size > self.remaining:
-                    data = data[:self.remaining]
+                    data = cut(data, 0, self.remaining)
                     self.broken = True
                 self.remaining = 0
                 self.finished = True
@@ -1352,6 +1359,7 @@ cdef class Upstream:
         cdef long long body = len(data) - end
         cdef long long expected = framing.length
         cdef list out
+        cdef ResponseInfo info
         if status < 200:
             # Interim answers and 101 take the general path.
             return False
@@ -1361,10 +1369,13 @@ cdef class Upstream:
             # Bytes beyond the response: httptools reports them.
             return False
         out = self.out = []
-        self._response_head(data if body == 0 else data[:end], status,
-                            framing.keep_alive)
+        info.has_length = True
+        info.chunked = False
+        info.names_others = framing.names_others
+        self._response_head(data if body == 0 else cut(data, 0, end), status,
+                            framing.keep_alive, &info)
         if body:
-            out.append(data[end:])
+            out.append(cut(data, end, len(data)))
         self.keep_alive = framing.keep_alive
         self.remaining = expected - body
         if not self.remaining:
@@ -1388,9 +1399,9 @@ cdef class Upstream:
             self.broken = True
             return
         end = head_end(buf, self.scan)
-        head = buf[self.scan:end]
+        head = cut(buf, self.scan, end)
         self.scan = end
-        self._response_head(head, self.get_status_code(), -1)
+        self._response_head(head, self.get_status_code(), -1, NULL)
 
     def on_body(self, bytes body):
         if self.finished or self.interim:
@@ -1413,16 +1424,20 @@ cdef class Upstream:
             self.out.append(b"0\r\n\r\n")
         self.finished = True
 
-    cdef int _response_head(self, bytes head, int status,
-                            int keep_alive) except -1:
+    cdef int _response_head(self, bytes head, int status, int keep_alive,
+                            ResponseInfo *known) except -1:
         # keep_alive: whether the upstream connection may be reused after
-        # this response, or -1 to ask the parser once it is known.
+        # this response, or -1 to ask the parser once it is known. known:
+        # what simple_response already found in the head, or NULL.
         cdef Exchange ex = self.ex
         cdef Downstream downstream = self.downstream
         cdef bint no_body, close
         cdef ResponseInfo info
         cdef object drop = None
-        scan_response(head, &info)
+        if known == NULL:
+            scan_response(head, &info)
+        else:
+            info = known[0]
         if info.names_others:
             drop = self._named_by_connection(head)
 
