@@ -204,6 +204,14 @@ def cpu_ns(pid: int) -> tuple[int, int]:
     return run, wait
 
 
+def user_system_ticks(pid: int) -> tuple[int, int]:
+    """(user, kernel) CPU time of the whole process in clock ticks, from
+    /proc/PID/stat (utime and stime: every thread, 10 ms resolution)."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        fields = stat.read().rpartition(b")")[2].split()
+    return int(fields[11]), int(fields[12])
+
+
 class RssSampler:
     """Samples VmRSS of a process every few milliseconds in a thread."""
 

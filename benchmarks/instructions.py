@@ -33,7 +33,7 @@ for _ in range({count}):
 """
 
 
-def run(count: int, out: Path) -> None:
+def run(count: int, out: Path, env: dict | None = None) -> None:
     driver = out.with_suffix(".py")
     driver.write_text(DRIVER.format(here=str(HERE), count=count))
     subprocess.run(
@@ -46,6 +46,7 @@ def run(count: int, out: Path) -> None:
         ],
         check=True,
         capture_output=True,
+        env=env,
     )
 
 
@@ -65,20 +66,56 @@ def functions(path: Path) -> dict[str, int]:
     return counts
 
 
-def main() -> None:
-    count = int(sys.argv[1]) if len(sys.argv) > 1 else 3000
+GROUPS = (
+    ("llhttp", "llhttp, httptools' C parser"),
+    ("/httptools/", "httptools' Cython glue (calls into Python callbacks)"),
+    ("dynapm/_fast/heads", "DynaPM heads.pyx (head scanning in C)"),
+    ("dynapm/_fast/proxy", "DynaPM proxy.pyx (the Cython hot path)"),
+    ("_PyEval_EvalFrameDefault", "CPython bytecode (mostly the fake transports)"),
+    ("Python-3", "CPython runtime: calls, objects, memory"),
+    ("libpython", "CPython runtime: calls, objects, memory"),
+    ("sysdeps", "libc: memcpy, memchr"),
+    ("malloc", "libc: malloc"),
+)
+
+
+def group_of(name: str) -> str:
+    for needle, group in GROUPS:
+        if needle in name:
+            return group
+    return "other"
+
+
+def measure(count: int = 3000, env: dict | None = None) -> dict:
+    """Callgrind instructions per exchange: total, by group, top functions."""
     with tempfile.TemporaryDirectory() as tmp:
         base, loaded = Path(tmp) / "zero.out", Path(tmp) / "many.out"
-        run(0, base)
-        run(count, loaded)
+        run(0, base, env)
+        run(count, loaded, env)
         before, after = functions(base), functions(loaded)
     total = after.pop("PROGRAM TOTALS") - before.pop("PROGRAM TOTALS")
-    print(f"{total / count:,.0f} instructions per exchange ({count} exchanges)")
+    per = {k: (after.get(k, 0) - before.get(k, 0)) / count for k in after}
+    groups: dict[str, float] = {}
+    for name, value in per.items():
+        groups[group_of(name)] = groups.get(group_of(name), 0) + value
+    top = sorted(per.items(), key=lambda pair: pair[1], reverse=True)[:15]
+    return {
+        "exchanges": count,
+        "total": total / count,
+        "groups": sorted(groups.items(), key=lambda pair: pair[1], reverse=True),
+        "top": [(re.sub(r"^.*/(Python-3[^/]*|src|parser)/", "", k), v) for k, v in top],
+    }
+
+
+def main() -> None:
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 3000
+    found = measure(count)
+    print(f"{found['total']:,.0f} instructions per exchange ({count} exchanges)")
+    print("\nby component:")
+    for name, value in found["groups"]:
+        print(f"{value:8,.0f}  {name}")
     print("\nself cost per exchange, largest first:")
-    deltas = sorted(
-        ((after.get(k, 0) - before.get(k, 0)) / count, k) for k in after
-    )
-    for value, name in reversed(deltas[-25:]):
+    for name, value in found["top"]:
         print(f"{value:8,.0f}  {name[:110]}")
 
 

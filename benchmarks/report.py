@@ -56,6 +56,7 @@ def render(results: dict) -> str:
     out += render_memory(items.get("5"))
     out += render_spread(items.get("6"))
     out += render_ws(items.get("7"))
+    out += render_breakdown(items.get("1"), items.get("9"))
     out += render_issues(results.get("issues", []))
     out += render_rounds(items)
     return "\n".join(out) + "\n"
@@ -144,15 +145,20 @@ def render_targets(items: dict) -> list[str]:
             "no worse",
             dyn["p99_ms"] <= ngx["p99_ms"],
         )
-    cold = items.get("4", {}).get("summary", {}).get("gateway")
-    if cold and cold.get("corrected_overhead_ms") is not None:
-        add(
-            "cold-start overhead (median, boot-corrected)",
-            f"{num(cold['corrected_overhead_ms'], 2)} ms (difference of medians: "
-            f"{num(cold['overhead_ms'], 2)} ms)",
-            "<= 5 ms",
-            cold["corrected_overhead_ms"] <= 5,
-        )
+    cold = items.get("4", {}).get("summary", {})
+    for key, name in (
+        ("gateway", "cold-start overhead (median, boot-corrected), default probe"),
+        ("gateway1", "the same, service probed every 1 ms (`interval: 1ms`)"),
+    ):
+        entry = cold.get(key)
+        if entry and entry.get("corrected_overhead_ms") is not None:
+            add(
+                name,
+                f"{num(entry['corrected_overhead_ms'], 2)} ms (difference of "
+                f"medians: {num(entry['overhead_ms'], 2)} ms)",
+                "<= 5 ms",
+                entry["corrected_overhead_ms"] <= 5,
+            )
     stream = items.get("3", {}).get("summary", {})
     for direction in ("download", "upload"):
         by_kind = stream.get(direction, {})
@@ -280,6 +286,8 @@ def render_cpu(summary: dict) -> list[str]:
                 num(entry["cpu_us"], 1),
                 ratio(entry["cpu_us"], base.get("cpu_us")),
                 ratio(entry["cpu_us"], splice.get("cpu_us")),
+                num(entry.get("user_us"), 1),
+                num(entry.get("system_us"), 1),
                 f"{entry['cpu_share'] * 100:.0f}%",
                 f"{entry['wait_share'] * 100:.0f}%",
             ]
@@ -290,7 +298,9 @@ def render_cpu(summary: dict) -> list[str]:
         "CPU time of the proxy process per request (from "
         "`/proc/PID/task/*/schedstat`, so it includes the kernel work of its "
         "system calls): less sensitive to other load on the machine than "
-        "requests/s. *Busy* is its CPU time over the wall time of the run; "
+        "requests/s. *User* and *kernel* split it as `/proc/PID/stat` counts "
+        "it (utime and stime, 10 ms ticks, so they need not add up exactly). "
+        "*Busy* is its CPU time over the wall time of the run; "
         "*waiting* is the time it was runnable but another task held its CPU.",
         "",
     ]
@@ -300,6 +310,8 @@ def render_cpu(summary: dict) -> list[str]:
             "CPU us / request",
             "vs nginx",
             "vs splice",
+            "user us",
+            "kernel us",
             "busy",
             "waiting",
         ],
@@ -583,6 +595,75 @@ def render_ws(item: dict | None) -> list[str]:
             ]
         )
     out += table(["path", "messages/s", "p50 ms", "p99 ms", "vs nginx"], rows)
+    out.append("")
+    return out
+
+
+def render_breakdown(keepalive: dict | None, item: dict | None) -> list[str]:
+    """Where DynaPM's CPU time per keep-alive request goes, beside nginx."""
+    out = ["## 9. Where the time per request goes", ""]
+    summary = (keepalive or {}).get("summary", {})
+    dyn, ngx, splice = (summary.get(k) for k in ("dynapm", "nginx", "splice"))
+    if dyn and ngx and dyn.get("user_us") is not None:
+        out.append(
+            "From item 1 (keep-alive), CPU time per request split into user "
+            "space and kernel:"
+        )
+        out.append("")
+        rows = []
+        for kind, entry in (("dynapm", dyn), ("nginx", ngx), ("splice", splice)):
+            if entry and entry.get("user_us") is not None:
+                rows.append(
+                    [
+                        LABELS[kind],
+                        num(entry["user_us"], 1),
+                        num(entry["system_us"], 1),
+                        num(entry["cpu_us"], 1),
+                    ]
+                )
+        out += table(["proxy", "user us", "kernel us", "total us (schedstat)"], rows)
+        out.append("")
+        out.append(
+            f"Per request, DynaPM spends {num(dyn['user_us'], 1)} us in user "
+            f"space (nginx {num(ngx['user_us'], 1)} us) and "
+            f"{num(dyn['system_us'], 1)} us in the kernel (nginx "
+            f"{num(ngx['system_us'], 1)} us). Every proxy here makes the same "
+            "four system calls per exchange (read the request, write it "
+            "upstream, read the response, write it back), so the kernel parts "
+            "are alike and the difference between proxies is mostly user "
+            "space: for DynaPM, the interpreter and the hot path below."
+        )
+        out.append("")
+    if not item:
+        return out + ["Instruction counts were not measured in this run.", ""]
+    if "skipped" in item:
+        return out + [f"Instruction counts: skipped ({item['skipped']}).", ""]
+    out.append(
+        f"User space by component: callgrind instructions per exchange "
+        f"({num(item['total'])} in all) for the micro-benchmark exchange of "
+        "`benchmarks/test_micro.py` (a small GET and its 19-byte response "
+        "through a Downstream and a pooled Upstream over fake transports; "
+        "their Python `write` methods stand in for uvloop's C write and "
+        "account for most of the CPython bytecode row). Reproduce with "
+        "`python benchmarks/instructions.py`."
+    )
+    out.append("")
+    total = item["total"] or 1
+    out += table(
+        ["component", "instructions / exchange", "share"],
+        [
+            [name, num(value), f"{value / total * 100:.0f}%"]
+            for name, value in item["groups"]
+            if value >= 0.5
+        ],
+    )
+    out.append("")
+    out.append("The functions with the largest own cost:")
+    out.append("")
+    out += table(
+        ["instructions / exchange", "function"],
+        [[num(value), f"`{name[:100]}`"] for name, value in item["top"]],
+    )
     out.append("")
     return out
 

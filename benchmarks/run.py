@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import instructions
 import report
 from harness import (
     BENCH_DIR,
@@ -59,6 +60,7 @@ from harness import (
     status_of,
     tool_version,
     upload,
+    user_system_ticks,
     wait_until,
 )
 
@@ -66,7 +68,7 @@ MIB = 1 << 20
 BACKEND_BODY = b"hello from backend\n"
 PROXIES = ("dynapm", "nginx", "haproxy", "splice")
 TARGETS = ("direct",) + PROXIES
-ITEMS = ("1", "2", "3", "4", "5", "6", "7")
+ITEMS = ("1", "2", "3", "4", "5", "6", "7", "9")
 
 
 @dataclass(frozen=True)
@@ -879,6 +881,24 @@ class Suite:
             return None
         return json.loads(done.stdout.strip().splitlines()[-1])
 
+    # -- item 9: where the time per request goes --------------------------------
+
+    def item_breakdown(self) -> None:
+        """Instructions per exchange in user space, by component (callgrind).
+
+        The user/kernel split of the CPU time comes from item 1's rounds;
+        this adds what the user-space part is made of."""
+        if shutil.which("valgrind") is None:
+            self.results["items"]["9"] = {
+                "skipped": "valgrind is not installed (apt-get install valgrind)"
+            }
+            return
+        self.note_load("item 9 start")
+        print("item 9: instructions per exchange under callgrind", flush=True)
+        found = instructions.measure(3000, env=self.dynapm_env)
+        print(f"  {found['total']:,.0f} instructions per exchange", flush=True)
+        self.results["items"]["9"] = found
+
     # -- the run ----------------------------------------------------------------
 
     def wanted(self, item: str) -> bool:
@@ -897,6 +917,7 @@ class Suite:
             (("5",), self.item_memory),
             (("6",), self.item_spread),
             (("7",), self.item_ws),
+            (("9",), self.item_breakdown),
         )
         for items, step in steps:
             if not any(self.wanted(item) for item in items):
@@ -1091,6 +1112,7 @@ def fmt(value: float | None, digits: int = 2) -> str:
 def measured_wrk(pid: int | None, port: int, **kwargs) -> dict:
     """One wrk run, with the CPU time the proxy process spent on it."""
     before = cpu_ns(pid) if pid else None
+    ticks = user_system_ticks(pid) if pid else None
     result = run_wrk(port, **kwargs)
     record = {
         "rps": result.rps,
@@ -1100,6 +1122,8 @@ def measured_wrk(pid: int | None, port: int, **kwargs) -> dict:
         "non2xx": result.non2xx,
         "socket_errors": result.socket_errors,
         "cpu_us": None,
+        "user_us": None,
+        "system_us": None,
         "cpu_share": None,
         "wait_share": None,
         "result": result,
@@ -1110,6 +1134,10 @@ def measured_wrk(pid: int | None, port: int, **kwargs) -> dict:
         record["cpu_us"] = (run - before[0]) / 1000 / result.requests
         record["cpu_share"] = (run - before[0]) / seconds
         record["wait_share"] = (wait - before[1]) / seconds
+        user, system = user_system_ticks(pid)
+        tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+        record["user_us"] = (user - ticks[0]) * tick_us / result.requests
+        record["system_us"] = (system - ticks[1]) * tick_us / result.requests
     return record
 
 
@@ -1126,6 +1154,8 @@ def summarize_wrk(rounds: dict[str, list[dict]]) -> dict:
             "p50_ms": median([r["p50_ms"] for r in records]),
             "p99_ms": median([r["p99_ms"] for r in records]),
             "cpu_us": median([r["cpu_us"] for r in records]),
+            "user_us": median([r.get("user_us") for r in records]),
+            "system_us": median([r.get("system_us") for r in records]),
             "cpu_share": median([r["cpu_share"] for r in records]),
             "wait_share": median([r["wait_share"] for r in records]),
             "requests": sum(r["requests"] for r in records),
@@ -1196,7 +1226,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default=",".join(ITEMS),
-        help="comma-separated items to run (default: all, 1-7)",
+        help="comma-separated items to run (default: all: 1-7 and 9)",
     )
     parser.add_argument(
         "--output",
