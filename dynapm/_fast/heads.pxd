@@ -51,3 +51,4 @@ cdef bint keep_alive_of(bint http10, bytes connection) except -1
 cdef bytes rewrite_response(bytes head, bint keep_upgrade, bytes tail,
                             object drop)
 cdef set connection_tokens(bytes value)
+cdef bytes join_bytes(list parts)

@@ -37,6 +37,7 @@ from dynapm._fast.heads cimport (
     connection_tokens,
     head_end,
     header_kind,
+    join_bytes,
     keep_alive_of,
     rewrite_response,
     scan_response,
@@ -735,7 +736,7 @@ cdef class Downstream:
                       b"\r\nX-Forwarded-Proto: http\r\n\r\n"]
         else:
             parts.append(b"X-Forwarded-Proto: http\r\n\r\n")
-        ex.head = b"".join(parts)
+        ex.head = join_bytes(parts)
         self.queue.append(ex)
         return 0
 
@@ -908,7 +909,7 @@ cdef class Downstream:
         if upstream is None:
             return 0
         if pending:
-            body = pending[0] if len(pending) == 1 else b"".join(pending)
+            body = pending[0] if len(pending) == 1 else join_bytes(pending)
             ex.pending = []
             ex.route.service.bytes_in += ex.pending_size
             ex.pending_size = 0
@@ -1322,7 +1323,7 @@ cdef class Upstream:
                 self.broken = True
         self.buf = None
         if out:
-            downstream.write(out[0] if len(out) == 1 else b"".join(out))
+            downstream.write(out[0] if len(out) == 1 else join_bytes(out))
         if self.tunnel:
             self.ex.status = 101
             downstream._tunnel_open()
@@ -1380,7 +1381,7 @@ cdef class Upstream:
         self.remaining = expected - body
         if not self.remaining:
             self.finished = True
-        self.downstream.write(out[0] if len(out) == 1 else b"".join(out))
+        self.downstream.write(out[0] if len(out) == 1 else join_bytes(out))
         if self.finished:
             self._complete()
         return True
