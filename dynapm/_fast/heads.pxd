@@ -31,6 +31,13 @@ cdef struct Framing:
     bint keep_alive
     # See ResponseInfo.names_others.
     bint names_others
+    # Where the status line ends (past its CRLF), and the runs of header
+    # lines a client gets as they are (hop-by-hop lines fall between runs);
+    # runs is -1 when there were more than MAX_RUNS.
+    Py_ssize_t line_end
+    int runs
+    Py_ssize_t run_start[16]
+    Py_ssize_t run_end[16]
 
 
 cdef struct RequestHead:
@@ -50,5 +57,6 @@ cdef Py_ssize_t simple_request(bytes data, RequestHead *head) except -1
 cdef bint keep_alive_of(bint http10, bytes connection) except -1
 cdef bytes rewrite_response(bytes head, bint keep_upgrade, bytes tail,
                             object drop)
+cdef bytes emit_response(bytes head, Framing *framing, bytes tail)
 cdef set connection_tokens(bytes value)
 cdef bytes join_bytes(list parts)

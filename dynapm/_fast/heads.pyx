@@ -232,6 +232,8 @@ cdef Py_ssize_t simple_response(bytes data, Framing *framing) except -1:
     if i + 1 >= n or p[i] != 13 or p[i + 1] != 10:
         return 0
     i += 2
+    framing.line_end = i
+    framing.runs = 0
     while True:
         eol = field_line(p, i, n, &colon)
         if eol <= 0:
@@ -239,6 +241,15 @@ cdef Py_ssize_t simple_response(bytes data, Framing *framing) except -1:
         kind = header_kind(<const char *>p + i, colon - i)
         if kind == HEADER_TRANSFER_ENCODING:
             return 0
+        if kind_kept(kind, False) and framing.runs >= 0:
+            if framing.runs and framing.run_end[framing.runs - 1] == i:
+                framing.run_end[framing.runs - 1] = eol + 2
+            elif framing.runs == MAX_RUNS:
+                framing.runs = -1
+            else:
+                framing.run_start[framing.runs] = i
+                framing.run_end[framing.runs] = eol + 2
+                framing.runs += 1
         if kind == HEADER_CONTENT_LENGTH:
             lengths += 1
             j = colon + 1
@@ -385,6 +396,44 @@ cdef Py_ssize_t simple_request(bytes data, RequestHead *head) except -1:
     return end
 
 
+cdef enum:
+    MAX_RUNS = 16
+
+
+cdef inline bint kind_kept(int kind, bint keep_upgrade) noexcept nogil:
+    # Whether a response header of this kind reaches the client (before
+    # the names a Connection header lists are taken into account).
+    if kind == HEADER_OTHER or kind == HEADER_CONTENT_LENGTH:
+        return True
+    if kind == HEADER_CONNECTION or kind == HEADER_UPGRADE:
+        return keep_upgrade
+    return kind >= HEADER_HOST
+
+
+cdef bytes emit_response(bytes head, Framing *framing, bytes tail):
+    """rewrite_response for a head simple_response has read (no drop list,
+    runs recorded): the status line as HTTP/1.1, the runs, ``tail``, copied
+    straight into the new bytes object."""
+    cdef const char *p = PyBytes_AS_STRING(head)
+    cdef Py_ssize_t size = framing.line_end + len(tail), length
+    cdef int r
+    cdef bytes out
+    cdef char *dst
+    for r in range(framing.runs):
+        size += framing.run_end[r] - framing.run_start[r]
+    out = PyBytes_FromStringAndSize(NULL, size)
+    dst = PyBytes_AS_STRING(out)
+    memcpy(dst, b"HTTP/1.1", 8)
+    memcpy(dst + 8, p + 8, framing.line_end - 8)
+    dst += framing.line_end
+    for r in range(framing.runs):
+        length = framing.run_end[r] - framing.run_start[r]
+        memcpy(dst, p + framing.run_start[r], length)
+        dst += length
+    memcpy(dst, PyBytes_AS_STRING(tail), len(tail))
+    return out
+
+
 cdef bytes rewrite_response(bytes head, bint keep_upgrade, bytes tail,
                             object drop):
     """The head as the client gets it: HTTP/1.1 status line, the upstream's
@@ -409,13 +458,10 @@ cdef bytes rewrite_response(bytes head, bint keep_upgrade, bytes tail,
             eol = find(p, i, n, 13)
             colon = find(p, i, eol, 58)
             kind = header_kind(p + i, colon - i)
-            if kind == HEADER_OTHER or kind == HEADER_CONTENT_LENGTH:
-                keep = drop is None or p[i:colon].lower() not in drop
-            elif kind == HEADER_CONNECTION or kind == HEADER_UPGRADE:
-                keep = keep_upgrade
-            else:
-                keep = kind >= HEADER_HOST and (
-                    drop is None or p[i:colon].lower() not in drop)
+            keep = kind_kept(kind, keep_upgrade)
+            if keep and drop is not None and kind != HEADER_CONNECTION and \
+                    kind != HEADER_UPGRADE:
+                keep = p[i:colon].lower() not in drop
             if keep:
                 memcpy(out + size, p + i, eol + 2 - i)
                 size += eol + 2 - i

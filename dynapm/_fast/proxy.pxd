@@ -2,7 +2,7 @@
 # admin) reach these objects through their public attributes; nothing else
 # cimports them yet.
 
-from dynapm._fast.heads cimport Framing, RequestHead, ResponseInfo
+from dynapm._fast.heads cimport Framing, RequestHead
 
 cdef class ServiceState:
     cdef public str name
@@ -204,7 +204,7 @@ cdef class Upstream:
     cdef int _new_parser(self) except -1
     cdef int _detach(self) except -1
     cdef int _response_head(self, bytes head, int status, int keep_alive,
-                            ResponseInfo *known) except -1
+                            Framing *framing) except -1
     cdef int _stray(self) except -1
     cdef bint _simple_head(self, bytes data, Py_ssize_t end,
                            Framing *framing) except -1

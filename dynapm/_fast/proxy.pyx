@@ -35,6 +35,7 @@ from dynapm._fast.heads cimport (
     ResponseInfo,
     connection_names_others,
     connection_tokens,
+    emit_response,
     head_end,
     header_kind,
     join_bytes,
@@ -1360,7 +1361,6 @@ cdef class Upstream:
         cdef long long body = len(data) - end
         cdef long long expected = framing.length
         cdef list out
-        cdef ResponseInfo info
         if status < 200:
             # Interim answers and 101 take the general path.
             return False
@@ -1370,11 +1370,8 @@ cdef class Upstream:
             # Bytes beyond the response: httptools reports them.
             return False
         out = self.out = []
-        info.has_length = True
-        info.chunked = False
-        info.names_others = framing.names_others
         self._response_head(data if body == 0 else cut(data, 0, end), status,
-                            framing.keep_alive, &info)
+                            framing.keep_alive, framing)
         if body:
             out.append(cut(data, end, len(data)))
         self.keep_alive = framing.keep_alive
@@ -1426,19 +1423,22 @@ cdef class Upstream:
         self.finished = True
 
     cdef int _response_head(self, bytes head, int status, int keep_alive,
-                            ResponseInfo *known) except -1:
+                            Framing *framing) except -1:
         # keep_alive: whether the upstream connection may be reused after
-        # this response, or -1 to ask the parser once it is known. known:
-        # what simple_response already found in the head, or NULL.
+        # this response, or -1 to ask the parser once it is known. framing:
+        # what simple_response found in the head, or NULL.
         cdef Exchange ex = self.ex
         cdef Downstream downstream = self.downstream
         cdef bint no_body, close
         cdef ResponseInfo info
         cdef object drop = None
-        if known == NULL:
+        cdef bytes tail
+        if framing == NULL:
             scan_response(head, &info)
         else:
-            info = known[0]
+            info.has_length = True
+            info.chunked = False
+            info.names_others = framing.names_others
         if info.names_others:
             drop = self._named_by_connection(head)
 
@@ -1476,10 +1476,11 @@ cdef class Upstream:
         self.close_client = close
         ex.status = status
         self.head_forwarded = True
-        self.out.append(rewrite_response(
-            head, False, TAILS[self.rechunk * 3 +
-                               (1 if close else 2 if ex.http10 else 0)],
-            drop))
+        tail = TAILS[self.rechunk * 3 + (1 if close else 2 if ex.http10 else 0)]
+        if framing != NULL and drop is None and framing.runs >= 0:
+            self.out.append(emit_response(head, framing, tail))
+        else:
+            self.out.append(rewrite_response(head, False, tail, drop))
         if no_body:
             # httptools cannot be told the response answers a HEAD request,
             # so end the message here and parse the next one afresh.
