@@ -88,7 +88,7 @@ class Mode:
 
 MODES = {
     "quick": Mode("quick", 2, 2, 1, 256 * MIB, 1, 8, 10_000, 100, 1, 2),
-    "full": Mode("full", 5, 8, 1, 1024 * MIB, 3, 20, 10_000, 100, 3, 5),
+    "full": Mode("full", 7, 8, 1, 1024 * MIB, 3, 20, 10_000, 100, 3, 5),
 }
 
 
