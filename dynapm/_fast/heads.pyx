@@ -100,8 +100,16 @@ cdef bint names_others(const char *p, Py_ssize_t n) noexcept nogil:
     return connection_flags(p, n, &close, &keep, &upgrade)
 
 
+FRAMING_NAMES = frozenset([b"content-length", b"transfer-encoding", b"host"])
+
+
 cdef set connection_tokens(bytes value):
-    return {token.strip() for token in value.lower().split(b",")}
+    # The header names a Connection value lists, lowercased. Names that
+    # frame or route the message are never removed because Connection lists
+    # them: dropping Content-Length while forwarding the body would let the
+    # body pass for another request (request smuggling).
+    cdef set names = {token.strip() for token in value.lower().split(b",")}
+    return names.difference(FRAMING_NAMES)
 
 
 cdef inline Py_ssize_t find(const char *p, Py_ssize_t start, Py_ssize_t end,

@@ -423,8 +423,10 @@ cdef class Downstream:
             self._header(cut(data, i, colon), cut(data, value, eol))
             i = eol + 2
         self.simple = True
-        self._finish_head()
-        self.simple = False
+        try:
+            self._finish_head()
+        finally:
+            self.simple = False
         self.data = None
         self._message_complete()
         return 0
@@ -461,8 +463,9 @@ cdef class Downstream:
                 ex.early = [extra]
                 ex.early_size = len(extra)
             self._after_feed()
-        elif ex is None or ex.method == b"CONNECT":
-            # What follows a CONNECT is not HTTP: answer and close.
+        elif ex is None or ex.method == b"CONNECT" or ex.error_status:
+            # What follows a CONNECT is not HTTP, nor is a body after an
+            # upgrade request's head read as requests: answer and close.
             self.broken = True
             self._after_feed()
         else:
@@ -659,9 +662,9 @@ cdef class Downstream:
         self.line_data = None
         method = ex.method
         ex.is_head = method == b"HEAD"
-        # Our own reading of the Connection header, on both paths: llhttp
-        # misses a "close" listed beside other tokens. Where llhttp reads
-        # no keep-alive, its parser would refuse the next request anyway.
+        # Our own reading of the Connection header decides on both paths,
+        # so a head means the same whole or split; where llhttp reads no
+        # keep-alive, its parser would refuse the next request anyway.
         ex.keep_alive = keep_alive_of(ex.http10, self.connection)
         if ex.keep_alive and not self.simple:
             ex.keep_alive = self.should_keep_alive()
@@ -687,6 +690,14 @@ cdef class Downstream:
         ex.upgrade = (self.upgrade is not None and
                       b"websocket" in self.upgrade.lower() and
                       method != b"CONNECT" and self.parser.should_upgrade())
+        if (self.upgrade is not None and not ex.upgrade and
+                (self.length > 0 or ex.chunked) and
+                self.parser.should_upgrade()):
+            # httptools stops at an upgrade request's head, so the body of
+            # an h2c-style upgrade would be read as further requests.
+            ex.error_status = 400
+            ex.error_detail = "an Upgrade request other than WebSocket " \
+                "cannot carry a body"
         self.last_ex = ex
 
         route = self.fixed_route
@@ -1384,17 +1395,20 @@ cdef class Upstream:
         return True
 
     # -- parser callbacks ----------------------------------------------------
-    # Only these are defined, so httptools does no per-header work at all:
-    # the head is taken from the raw bytes it has just validated.
+    # No on_header: httptools does no per-header work at all; the head is
+    # taken from the raw bytes it has just validated.
+
+    def on_message_begin(self):
+        if self.finished:
+            # Another response starts after the complete one, unasked for:
+            # it is never passed on, and the connection is not reused.
+            self.broken = True
 
     def on_headers_complete(self):
         cdef bytes buf = self.buf
         cdef Py_ssize_t end
         cdef bytes head
         if self.finished:
-            # Another response after the complete one, unasked for: never
-            # passed on, and the connection is not reused.
-            self.broken = True
             return
         end = head_end(buf, self.scan)
         head = cut(buf, self.scan, end)
