@@ -101,8 +101,11 @@ async def _sock_connect(
     return True
 
 
-async def _connect(host: str, port: int) -> socket.socket:
-    """A connected non-blocking TCP socket to host:port."""
+async def _connect(
+    host: str, port: int, timeout: float | None = None
+) -> socket.socket | None:
+    """A connected non-blocking TCP socket to host:port; None when a connect
+    attempt outlasts ``timeout`` (name resolution is not timed here)."""
     literal = _literal(host, port)
     if literal is None:
         loop = asyncio.get_running_loop()
@@ -116,7 +119,8 @@ async def _connect(host: str, port: int) -> socket.socket:
         connected = False
         try:
             sock.setblocking(False)
-            await _sock_connect(sock, address)
+            if not await _sock_connect(sock, address, timeout):
+                return None
             connected = True
             return sock
         except OSError as exc:
@@ -129,23 +133,20 @@ async def _connect(host: str, port: int) -> socket.socket:
 
 async def _probe_tcp(upstream, timeout: float) -> bool:
     """True once a connection to the upstream opens; False after `timeout`."""
-    literal = _literal(upstream.host, upstream.port)
-    if literal is None:
+    if _literal(upstream.host, upstream.port) is not None:
+        # An IP literal: the connect's own timer bounds it, no extra task.
+        sock = await _connect(upstream.host, upstream.port, timeout)
+    else:
         try:
             sock = await asyncio.wait_for(
                 _connect(upstream.host, upstream.port), timeout
             )
         except asyncio.TimeoutError:
             return False
-        sock.close()
-        return True
-    family, address = literal
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        return await _sock_connect(sock, address, timeout)
-    finally:
-        sock.close()
+    if sock is None:
+        return False
+    sock.close()
+    return True
 
 
 def _http_target(health, upstream) -> tuple[str, int, str, str]:

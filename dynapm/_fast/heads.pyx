@@ -158,7 +158,7 @@ cdef int scan_response(bytes head, ResponseInfo *info) except -1:
     return 0
 
 
-# Byte classes for simple_response, one table lookup per byte.
+# Byte classes for simple_request and simple_response, one lookup per byte.
 cdef enum:
     TCHAR = 1  # RFC 9110 token character
     TEXT = 2   # field value or reason phrase: HTAB, SP, VCHAR

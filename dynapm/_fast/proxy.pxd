@@ -119,8 +119,6 @@ cdef class Downstream:
     cdef bytes data
     cdef bytes line_data
     cdef bint at_boundary
-    # True while a head read by simple_request (not httptools) is finished.
-    cdef bint simple
     cdef Route last_route
     cdef object get_method
     cdef object get_http_version
@@ -141,7 +139,7 @@ cdef class Downstream:
     cdef bint client_eof
     cdef double linger_until
 
-    cdef int _finish_head(self) except -1
+    cdef int _finish_head(self, bint simple) except -1
     cdef int _message_begin(self) except -1
     cdef int _header(self, bytes name, bytes value) except -1
     cdef int _message_complete(self) except -1
@@ -203,7 +201,7 @@ cdef class Upstream:
     cdef int _begin(self, Downstream downstream, Exchange ex) except -1
     cdef int _new_parser(self) except -1
     cdef int _detach(self) except -1
-    cdef int _response_head(self, bytes head, int status, int keep_alive,
+    cdef int _response_head(self, bytes head, int status,
                             Framing *framing) except -1
     cdef int _stray(self) except -1
     cdef bint _simple_head(self, bytes data, Py_ssize_t end,

@@ -422,11 +422,7 @@ cdef class Downstream:
                 value += 1
             self._header(cut(data, i, colon), cut(data, value, eol))
             i = eol + 2
-        self.simple = True
-        try:
-            self._finish_head()
-        finally:
-            self.simple = False
+        self._finish_head(True)
         self.data = None
         self._message_complete()
         return 0
@@ -593,7 +589,7 @@ cdef class Downstream:
         return 0
 
     def on_headers_complete(self):
-        self._finish_head()
+        self._finish_head(False)
 
     def on_body(self, bytes body):
         cdef Exchange ex = self.parsing
@@ -641,7 +637,9 @@ cdef class Downstream:
             self.broken = True
         return 0
 
-    cdef int _finish_head(self) except -1:
+    cdef int _finish_head(self, bint simple) except -1:
+        # simple: the head was read by simple_request, so httptools has
+        # not seen it and cannot be asked about it.
         cdef Exchange ex = self.parsing
         cdef Settings settings = self.settings
         cdef Route route
@@ -666,7 +664,7 @@ cdef class Downstream:
         # so a head means the same whole or split; where llhttp reads no
         # keep-alive, its parser would refuse the next request anyway.
         ex.keep_alive = keep_alive_of(ex.http10, self.connection)
-        if ex.keep_alive and not self.simple:
+        if ex.keep_alive and not simple:
             ex.keep_alive = self.should_keep_alive()
         ex.target = self.target if self.target is not None else b""
 
@@ -1382,7 +1380,7 @@ cdef class Upstream:
             return False
         out = self.out = []
         self._response_head(data if body == 0 else cut(data, 0, end), status,
-                            framing.keep_alive, framing)
+                            framing)
         if body:
             out.append(cut(data, end, len(data)))
         self.keep_alive = framing.keep_alive
@@ -1413,7 +1411,7 @@ cdef class Upstream:
         end = head_end(buf, self.scan)
         head = cut(buf, self.scan, end)
         self.scan = end
-        self._response_head(head, self.get_status_code(), -1, NULL)
+        self._response_head(head, self.get_status_code(), NULL)
 
     def on_body(self, bytes body):
         if self.finished or self.interim:
@@ -1436,11 +1434,10 @@ cdef class Upstream:
             self.out.append(b"0\r\n\r\n")
         self.finished = True
 
-    cdef int _response_head(self, bytes head, int status, int keep_alive,
+    cdef int _response_head(self, bytes head, int status,
                             Framing *framing) except -1:
-        # keep_alive: whether the upstream connection may be reused after
-        # this response, or -1 to ask the parser once it is known. framing:
-        # what simple_response found in the head, or NULL.
+        # framing: what simple_response found in the head (the caller then
+        # ends the message itself), or NULL when httptools read it.
         cdef Exchange ex = self.ex
         cdef Downstream downstream = self.downstream
         cdef bint no_body, close
@@ -1496,15 +1493,15 @@ cdef class Upstream:
         else:
             self.out.append(rewrite_response(head, False, tail, drop))
         if no_body:
-            # httptools cannot be told the response answers a HEAD request,
-            # so end the message here and parse the next one afresh.
+            # The message ends with its head. httptools cannot be told the
+            # response answers a HEAD request, so after one the next
+            # response is parsed afresh. (For a simple head, _simple_head
+            # takes keep-alive from its own reading.)
             self.finished = True
-            if keep_alive >= 0:
-                self.keep_alive = keep_alive
-                return 0
-            self.keep_alive = self.should_keep_alive()
-            if ex.is_head:
-                self.new_parser = True
+            if framing == NULL:
+                self.keep_alive = self.should_keep_alive()
+                if ex.is_head:
+                    self.new_parser = True
         return 0
 
     def _named_by_connection(self, bytes head):
