@@ -497,6 +497,81 @@ def test_pipelined_large_body_behind_a_slow_response_arrives_intact(proxy):
     assert info["body_sha256"] == hashlib.sha256(body).hexdigest()
 
 
+# A body that reads as requests if it were ever parsed as such.
+DECOY = b"GET /echo?smuggled HTTP/1.1\r\nHost: app\r\n\r\n"
+
+
+def body_plans(head: bytes, body: bytes, after: bytes) -> dict[str, list[bytes]]:
+    """The same bytes sent in different reads: a head read by the gateway
+    itself with its body in the same read, after it, or in pieces, and a
+    head split inside its request line so that httptools reads it all."""
+    return {
+        "one-read": [head + body + after],
+        "head-alone": [head, body[:7], body[7:1000], body[1000:] + after],
+        "head-with-part": [head + body[:100], body[100:] + after[:5], after[5:]],
+        "body-ends-read": [head + body, after],
+        "split-head": [head[:8], head[8:] + body + after],
+    }
+
+
+@pytest.mark.parametrize(
+    "plan", ["one-read", "head-alone", "head-with-part", "body-ends-read", "split-head"]
+)
+def test_length_body_then_next_request_arrive_exactly(proxy, plan):
+    gw, _ = proxy()
+    body = DECOY * 3 + random.Random(3).randbytes(70000) + DECOY
+    head = b"POST /echo?i=1 HTTP/1.1\r\nHost: app\r\nContent-Length: %d\r\n\r\n" % (
+        len(body)
+    )
+    after = b"GET /echo?i=2 HTTP/1.1\r\nHost: app\r\n\r\n"
+    with Client(gw.port) as client:
+        for i, piece in enumerate(body_plans(head, body, after)[plan]):
+            if i:
+                time.sleep(0.03)
+            client.send(piece)
+        first = client.response().json()
+        assert first["target"] == "/echo?i=1"
+        assert first["body_len"] == len(body)
+        assert first["body_sha256"] == hashlib.sha256(body).hexdigest()
+        assert header_values(first["headers"], "Content-Length") == [str(len(body))]
+        assert client.response().json()["target"] == "/echo?i=2"
+        # Nothing of the body was taken for a request: the next answer on
+        # this connection is the next request's.
+        assert client.get("/echo?i=3").json()["target"] == "/echo?i=3"
+
+
+def test_length_body_of_several_pipelined_requests_in_one_read(proxy):
+    gw, _ = proxy()
+    bodies = [b"a", DECOY, bytes(range(256)) * 40, b""]
+    batch = b"".join(
+        b"PUT /echo?i=%d HTTP/1.1\r\nHost: app\r\nContent-Length: %d\r\n\r\n%s"
+        % (i, len(body), body)
+        for i, body in enumerate(bodies)
+    )
+    with Client(gw.port) as client:
+        # Each request but the first starts in the middle of a read, after
+        # the previous body.
+        client.send(batch)
+        for i, body in enumerate(bodies):
+            info = client.response().json()
+            assert (info["target"], info["body_len"]) == (f"/echo?i={i}", len(body))
+            assert info["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_client_leaving_mid_body_gets_no_answer_and_loses_nothing_else(proxy):
+    gw, _ = proxy()
+    with Client(gw.port) as client:
+        client.send(
+            b"POST /echo HTTP/1.1\r\nHost: app\r\nContent-Length: 1000\r\n\r\n"
+            + DECOY
+        )
+        client.sock.shutdown(socket.SHUT_WR)
+        # A body cut short is never passed off as a request, nor answered.
+        assert client.read_until_close() == b""
+    with Client(gw.port) as client:
+        assert client.get("/echo?after").json()["target"] == "/echo?after"
+
+
 def test_half_closed_client_gets_every_pipelined_answer(proxy):
     gw, _ = proxy()
     with Client(gw.port) as client:

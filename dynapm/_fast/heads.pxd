@@ -46,6 +46,8 @@ cdef struct RequestHead:
     Py_ssize_t target_end
     # Offset of the first header line.
     Py_ssize_t headers
+    # The body's Content-Length, 0 without one.
+    long long length
 
 
 cdef int header_kind(const char *name, Py_ssize_t length) noexcept nogil

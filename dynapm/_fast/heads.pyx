@@ -205,6 +205,25 @@ cdef inline Py_ssize_t field_line(const unsigned char *p, Py_ssize_t i,
     return i
 
 
+cdef inline long long plain_length(const unsigned char *p, Py_ssize_t j,
+                                   Py_ssize_t eol) noexcept nogil:
+    # The Content-Length value between j and eol when it is plain: one run
+    # of at most 18 digits, with optional blanks around it. -1 otherwise.
+    cdef Py_ssize_t start
+    cdef long long length = 0
+    while j < eol and is_space(p[j]):
+        j += 1
+    start = j
+    while j < eol and 48 <= p[j] <= 57 and j - start < 18:
+        length = length * 10 + p[j] - 48
+        j += 1
+    if j == start:
+        return -1
+    while j < eol and is_space(p[j]):
+        j += 1
+    return length if j == eol else -1
+
+
 cdef Py_ssize_t simple_response(bytes data, Framing *framing) except -1:
     """The length of the response head at the start of ``data`` when httptools
     is not needed to frame the response: the whole head is there, strictly
@@ -215,7 +234,7 @@ cdef Py_ssize_t simple_response(bytes data, Framing *framing) except -1:
     Everything accepted here is accepted by llhttp in strict mode with the
     same meaning, so the two paths cannot frame one response differently."""
     cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(data)
-    cdef Py_ssize_t n = len(data), i, start, colon = 0, eol, j, end
+    cdef Py_ssize_t n = len(data), i, colon = 0, eol, end
     cdef bint http11, close = False, keep = False, upgrade = False
     cdef int lengths = 0, kind
     cdef long long length = 0
@@ -260,18 +279,8 @@ cdef Py_ssize_t simple_response(bytes data, Framing *framing) except -1:
                 framing.runs += 1
         if kind == HEADER_CONTENT_LENGTH:
             lengths += 1
-            j = colon + 1
-            while j < eol and is_space(p[j]):
-                j += 1
-            start = j
-            while j < eol and 48 <= p[j] <= 57 and j - start < 18:
-                length = length * 10 + p[j] - 48
-                j += 1
-            if j == start:
-                return 0
-            while j < eol and is_space(p[j]):
-                j += 1
-            if j != eol:
+            length = plain_length(p, colon + 1, eol)
+            if length < 0:
                 return 0
         elif kind == HEADER_CONNECTION:
             if connection_flags(<const char *>p + colon + 1, eol - colon - 1,
@@ -336,17 +345,19 @@ cdef Py_ssize_t simple_request(bytes data, RequestHead *head) except -1:
     is not needed for it: the whole head is there and is strictly well
     formed (a common method, an origin-form target of printable ASCII,
     HTTP/1.0 or 1.1, token names, values of HTAB and printable ASCII, CRLF
-    line ends), and nothing in it asks for more than a head: no body (a
-    Content-Length of 0 at most), no Transfer-Encoding, no upgrade. 0
-    otherwise: the caller then feeds the bytes to httptools.
+    line ends), with at most one plain Content-Length (head.length, 0
+    without one), no Transfer-Encoding and no upgrade. 0 otherwise: the
+    caller then feeds the bytes to httptools. Bytes after the head are its
+    body or the next request; they are not looked at.
 
     Everything accepted here is accepted by llhttp in strict mode and read
     the same way, so a request cannot mean one thing on one path and
     another on the other."""
     cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(data)
-    cdef Py_ssize_t n = len(data), i, colon = 0, eol, j, end
+    cdef Py_ssize_t n = len(data), i, colon = 0, eol, end
     cdef bint close = False, keep = False, upgrade = False
     cdef int lengths = 0, kind
+    head.length = 0
     if n < 18:
         return 0
     if memcmp(p, b"GET ", 4) == 0:
@@ -387,11 +398,8 @@ cdef Py_ssize_t simple_request(bytes data, RequestHead *head) except -1:
             return 0
         if kind == HEADER_CONTENT_LENGTH:
             lengths += 1
-            j = colon + 1
-            while j < eol and is_space(p[j]):
-                j += 1
-            if j + 1 != eol or p[j] != 48:
-                # Anything but exactly "0": a body, for httptools.
+            head.length = plain_length(p, colon + 1, eol)
+            if head.length < 0:
                 return 0
         elif kind == HEADER_CONNECTION:
             connection_flags(<const char *>p + colon + 1, eol - colon - 1,

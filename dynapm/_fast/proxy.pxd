@@ -112,6 +112,9 @@ cdef class Downstream:
     cdef int hosts
     cdef bytes te
     cdef long long length
+    # Body bytes still to come of a request read by simple_request: while
+    # not 0 they are counted in data_received, httptools sees none of them.
+    cdef long long body_left
     cdef bytes connection
     cdef bytes upgrade
     cdef list forwarded_for
@@ -143,7 +146,10 @@ cdef class Downstream:
     cdef int _message_begin(self) except -1
     cdef int _header(self, bytes name, bytes value) except -1
     cdef int _message_complete(self) except -1
-    cdef int _simple_request(self, bytes data, RequestHead *head) except -1
+    cdef int _simple_request(self, bytes data, Py_ssize_t end,
+                             RequestHead *head) except -1
+    cdef Py_ssize_t _counted_body(self, bytes data) except -1
+    cdef int _body(self, bytes body) except -1
     cdef int _new_parser(self) except -1
     cdef bint _read_request_line(self, Exchange ex) except -1
     cdef int _next(self) except -1

@@ -368,13 +368,29 @@ cdef class Downstream:
             return
         if self.broken:
             return
+        if self.body_left:
+            # A plain Content-Length body after a simple head: counted here,
+            # the bytes forwarded as they came.
+            end = self._counted_body(data)
+            if end == len(data) or self.broken or self.closing:
+                self._after_feed()
+                return
+            data = cut(data, end, len(data))
         if self.parsing is None and not self.in_head:
             # At a message boundary (httptools has seen nothing of the next
-            # request): a simple bodiless head arriving whole in this read
-            # is read here, without httptools (see heads.simple_request).
+            # request): a simple head arriving whole is read here, without
+            # httptools (see heads.simple_request), and so is its body when
+            # it has one. A bodiless head must end the read: pipelined
+            # requests take the general path.
             end = simple_request(data, &head)
-            if end == len(data):
-                self._simple_request(data, &head)
+            if end and (end == len(data) or head.length):
+                self._simple_request(data, end, &head)
+                if end < len(data) and self.body_left:
+                    end += self._counted_body(cut(data, end, len(data)))
+                    if end < len(data) and not self.broken and \
+                            not self.closing:
+                        self.data_received(cut(data, end, len(data)))
+                        return
                 self._after_feed()
                 return
         # A message starting with this feed starts at offset 0 of data.
@@ -402,13 +418,16 @@ cdef class Downstream:
                 return
         self._after_feed()
 
-    cdef int _simple_request(self, bytes data, RequestHead *head) except -1:
+    cdef int _simple_request(self, bytes data, Py_ssize_t end,
+                             RequestHead *head) except -1:
         # The same steps as the parser callbacks, in the same order, on the
-        # head simple_request has checked: it ends in CRLF CRLF, every line
-        # in CRLF, every name in ':'.
+        # head simple_request has checked: it ends in CRLF CRLF at end, every
+        # line in CRLF, every name in ':'. With a body, the message stays
+        # open and body_left counts it.
         cdef const char *p = PyBytes_AS_STRING(data)
-        cdef Py_ssize_t i = head.headers, last = len(data) - 2
+        cdef Py_ssize_t i = head.headers, last = end - 2
         cdef Py_ssize_t eol, colon, value
+        cdef Exchange ex
         self.data = data
         self.at_boundary = True
         self._message_begin()
@@ -422,10 +441,29 @@ cdef class Downstream:
                 value += 1
             self._header(cut(data, i, colon), cut(data, value, eol))
             i = eol + 2
+        ex = self.parsing
         self._finish_head(True)
         self.data = None
-        self._message_complete()
+        if not head.length:
+            self._message_complete()
+        elif ex is not None and self.parsing is ex and not self.broken:
+            self.body_left = head.length
         return 0
+
+    cdef Py_ssize_t _counted_body(self, bytes data) except -1:
+        # The bytes of data that belong to the body being counted, from its
+        # start: handed on as the parser's body callback would (no copy when
+        # all of data is body). The message completes at its last byte.
+        cdef Py_ssize_t n = len(data)
+        if n > self.body_left:
+            n = <Py_ssize_t>self.body_left
+            self._body(cut(data, 0, n))
+        else:
+            self._body(data)
+        self.body_left -= n
+        if not self.body_left:
+            self._message_complete()
+        return n
 
     cdef int _after_feed(self) except -1:
         if self.current is None:
@@ -592,10 +630,13 @@ cdef class Downstream:
         self._finish_head(False)
 
     def on_body(self, bytes body):
+        self._body(body)
+
+    cdef int _body(self, bytes body) except -1:
         cdef Exchange ex = self.parsing
         cdef Py_ssize_t size = len(body)
         if ex is None or ex.error_status:
-            return
+            return 0
         ex.body_size += size
         if ex.body_size > self.settings.max_body:
             if ex is self.current and ex.upstream is not None and \
@@ -611,7 +652,7 @@ cdef class Downstream:
                         ex.upstream.transport.abort()
                         ex.upstream = None
                     self._respond_error(ex, 413, ex.error_detail, True)
-            return
+            return 0
         if ex.chunked:
             ex.pending.append(b"%x\r\n" % size)
             ex.pending.append(body)
@@ -619,6 +660,7 @@ cdef class Downstream:
         else:
             ex.pending.append(body)
         ex.pending_size += size
+        return 0
 
     def on_message_complete(self):
         self._message_complete()
