@@ -120,17 +120,37 @@ def monotonic():
 
 
 cdef bytes strip_port(bytes host):
-    # "Example.com:3000" -> "example.com"; "[::1]:3000" -> "[::1]"
-    cdef Py_ssize_t i
-    if host.startswith(b"["):
-        i = host.find(b"]")
-        if i >= 0:
-            return host[:i + 1].lower()
-        return host.lower()
-    i = host.rfind(b":")
-    if i >= 0:
-        host = host[:i]
-    return host.lower()
+    # "Example.com:3000" -> "example.com"; "[::1]:3000" -> "[::1]". The
+    # routing key of a Host the route cache has not seen: host itself when
+    # it is already lowercase without a port (no new object).
+    cdef const char *p = PyBytes_AS_STRING(host)
+    cdef Py_ssize_t n = len(host), end = n, i
+    cdef const char *hit
+    cdef bytes key
+    cdef char *q
+    if n and p[0] == 91:
+        hit = <const char *>memchr(p, 93, n)
+        if hit != NULL:
+            end = hit - p + 1
+    else:
+        i = n
+        while i > 0:
+            i -= 1
+            if p[i] == 58:
+                end = i
+                break
+    i = 0
+    while i < end and not 65 <= p[i] <= 90:
+        i += 1
+    if i == end and end == n:
+        return host
+    key = PyBytes_FromStringAndSize(p, end)
+    q = PyBytes_AS_STRING(key)
+    while i < end:
+        if 65 <= q[i] <= 90:
+            q[i] += 32
+        i += 1
+    return key
 
 
 cdef class ServiceState:
