@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -53,6 +54,7 @@ def _os_error_detail(exc: OSError) -> str:
     return text[:1].lower() + text[1:]
 
 
+@functools.lru_cache(maxsize=256)
 def _literal(host: str, port: int) -> tuple[int, tuple[str, int]] | None:
     """(family, address) when host is an IP literal, else None."""
     host = host.strip("[]")

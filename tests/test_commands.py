@@ -475,6 +475,18 @@ def test_spawn_twice_while_running_is_refused(run):
     run(scenario())
 
 
+def test_bash_is_found_in_the_current_path_and_named_bash(run, monkeypatch, tmp_path):
+    result = run(run_command('echo "$0"', timeout=5))
+    assert (result.exit_code, result.output) == (0, "bash\n")
+    # A bash earlier in a changed PATH is the one that runs from then on.
+    wrapper = tmp_path / "bash"
+    wrapper.write_text("#!/bin/sh\necho wrapped\nexit 7\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    result = run(run_command("true", timeout=5))
+    assert (result.exit_code, result.output) == (7, "wrapped\n")
+
+
 def test_missing_bash_is_reported_not_raised(run, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent-dynapm")
     result = run(run_command("true", timeout=5))
