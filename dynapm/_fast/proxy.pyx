@@ -304,7 +304,8 @@ cdef class Downstream:
         peer = transport.get_extra_info("peername")
         self.peer = peer[0].encode() if peer else b"unknown"
         self.forwarded_line = b"X-Forwarded-For: " + self.peer + b"\r\n"
-        self._new_parser()
+        # The httptools parser is made when a head first needs it: a
+        # connection whose heads are all simple never does.
         self.head_started = self.idle_since = now()
         self.settings.connections.add(self)
 
@@ -416,6 +417,8 @@ cdef class Downstream:
         # A message starting with this feed starts at offset 0 of data.
         self.data = data
         self.at_boundary = self.parsing is None and not self.in_head
+        if self.parser is None:
+            self._new_parser()
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
