@@ -90,9 +90,7 @@ class Service:
                 # The state changes before anything is awaited, so every
                 # caller from here on joins this one start.
                 self._set_status(STARTING)
-                self._start_task = asyncio.get_running_loop().create_task(
-                    self._start()
-                )
+                self._start_task = asyncio.get_running_loop().create_task(self._start())
             task = self._start_task
             try:
                 await asyncio.shield(task)
@@ -341,9 +339,7 @@ class Service:
         self._went_offline()
         self._set_status(OFFLINE)
         # Members of its process group may outlive the leader.
-        asyncio.get_running_loop().create_task(
-            process.stop(self.config.stop_timeout)
-        )
+        asyncio.get_running_loop().create_task(process.stop(self.config.stop_timeout))
 
     def _begin_stop(self, reason: str) -> None:
         # Offline for the hot path at once; the stop itself runs in a task.

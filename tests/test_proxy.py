@@ -562,8 +562,7 @@ def test_client_leaving_mid_body_gets_no_answer_and_loses_nothing_else(proxy):
     gw, _ = proxy()
     with Client(gw.port) as client:
         client.send(
-            b"POST /echo HTTP/1.1\r\nHost: app\r\nContent-Length: 1000\r\n\r\n"
-            + DECOY
+            b"POST /echo HTTP/1.1\r\nHost: app\r\nContent-Length: 1000\r\n\r\n" + DECOY
         )
         client.sock.shutdown(socket.SHUT_WR)
         # A body cut short is never passed off as a request, nor answered.
