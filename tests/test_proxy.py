@@ -558,6 +558,43 @@ def test_length_body_of_several_pipelined_requests_in_one_read(proxy):
             assert info["body_sha256"] == hashlib.sha256(body).hexdigest()
 
 
+def test_read_of_many_small_bodies_costs_memory_in_proportion(proxy):
+    gw, _ = proxy()
+    count = 4000
+    batch = b"".join(
+        b"PUT /x?%d HTTP/1.1\r\nHost: nowhere\r\nContent-Length: 1\r\n\r\nx" % i
+        for i in range(count)
+    )
+
+    def peak_kib() -> int:
+        status = open(f"/proc/{gw.process.pid}/status").read()
+        return int(status.split("VmHWM:")[1].split()[0])
+
+    before = peak_kib()
+    with Client(gw.port) as client:
+        client.send(batch)
+        for i in range(count):
+            resp = client.response()
+            assert resp.status == 404, i
+        assert client.get("/echo").status == 200
+    # About 250 KiB of requests: copying the rest of the read once per
+    # request would peak at hundreds of MiB.
+    assert peak_kib() - before < 64 * 1024
+
+
+def test_body_end_and_garbage_in_one_read_forward_the_body_then_400(proxy):
+    gw, _ = proxy()
+    head = b"POST /echo HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\n\r\n"
+    with Client(gw.port, timeout=3) as client:
+        client.send(head + b"hel")
+        time.sleep(0.05)
+        client.send(b"loGARBAGE\r\n\r\n")
+        info = client.response().json()
+        assert info["body_sha256"] == hashlib.sha256(b"hello").hexdigest()
+        assert client.response().status == 400
+        assert client.closed_by_peer()
+
+
 def test_client_leaving_mid_body_gets_no_answer_and_loses_nothing_else(proxy):
     gw, _ = proxy()
     with Client(gw.port) as client:
@@ -1054,6 +1091,36 @@ def test_host_routing_ignores_case_and_port(proxy):
     with Client(gw.port) as client:
         for host, status in spellings:
             assert client.get("/echo", host=host).status == status, host
+
+
+def test_one_letter_host_changes_no_other_bytes(gateway, backend):
+    # CPython shares one bytes object per single byte value; a routing key
+    # built from one must never alter it for the rest of the process.
+    port = backend()
+    gw = gateway(
+        "listen: {listen}\n"
+        + limits_block(None)
+        + "services:\n"
+        + "".join(
+            f"  {name}:\n    upstream: http://127.0.0.1:{port}\n    proxy_only: true\n"
+            for name in ("app", "x")
+        )
+    )
+    with Client(gw.port) as client:
+        resp = client.get("/echo", host="B")
+        assert resp.status == 404 and b"'B'" in resp.body
+        assert client.get("/echo", host="A:80").status == 404
+        assert client.get("/echo", host="X").status == 200
+        assert client.get("/echo", host="X:8080").status == 200
+        pairs = echo_headers(client.get("/echo", extra="X-V: A\r\n"))
+        assert header_values(pairs, "X-V") == ["A"]
+        client.send(b"POST /echo HTTP/1.1\r\nHost: app\r\nContent-Length: 2\r\n\r\n")
+        for byte in (b"B", b"A"):
+            # One byte per read: the gateway gets the shared objects.
+            time.sleep(0.05)
+            client.send(byte)
+        info = client.response().json()
+        assert info["body_sha256"] == hashlib.sha256(b"BA").hexdigest()
 
 
 def test_head_over_max_header_gets_431(proxy):

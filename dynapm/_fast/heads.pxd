@@ -41,7 +41,10 @@ cdef struct Framing:
 
 
 cdef struct RequestHead:
-    # A request head simple_request could read on its own.
+    # A request head simple_request could read on its own; offsets are into
+    # the bytes it was read from.
+    Py_ssize_t method_end
+    bint http10
     Py_ssize_t target_start
     Py_ssize_t target_end
     # Offset of the first header line.
@@ -55,7 +58,8 @@ cdef bint connection_names_others(bytes value) except -1
 cdef Py_ssize_t head_end(bytes data, Py_ssize_t start) except -1
 cdef int scan_response(bytes head, ResponseInfo *info) except -1
 cdef Py_ssize_t simple_response(bytes data, Framing *framing) except -1
-cdef Py_ssize_t simple_request(bytes data, RequestHead *head) except -1
+cdef Py_ssize_t simple_request(bytes data, Py_ssize_t start,
+                               RequestHead *head) except -1
 cdef bint keep_alive_of(bint http10, bytes connection) except -1
 cdef bytes rewrite_response(bytes head, bint keep_upgrade, bytes tail,
                             object drop)

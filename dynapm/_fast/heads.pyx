@@ -340,8 +340,10 @@ cdef bint keep_alive_of(bint http10, bytes connection) except -1:
     return persists(not http10, close, keep)
 
 
-cdef Py_ssize_t simple_request(bytes data, RequestHead *head) except -1:
-    """The length of the request head at the start of ``data`` when httptools
+cdef Py_ssize_t simple_request(bytes data, Py_ssize_t start,
+                               RequestHead *head) except -1:
+    """Where the request head starting at offset ``start`` of ``data`` ends
+    (past its CRLF CRLF; offsets in head are into data too) when httptools
     is not needed for it: the whole head is there and is strictly well
     formed (a common method, an origin-form target of printable ASCII,
     HTTP/1.0 or 1.1, token names, values of HTAB and printable ASCII, CRLF
@@ -357,23 +359,26 @@ cdef Py_ssize_t simple_request(bytes data, RequestHead *head) except -1:
     cdef Py_ssize_t n = len(data), i, colon = 0, eol, end
     cdef bint close = False, keep = False, upgrade = False
     cdef int lengths = 0, kind
+    cdef const unsigned char *q = p + start
     head.length = 0
-    if n < 18:
+    if n - start < 18:
         return 0
-    if memcmp(p, b"GET ", 4) == 0:
+    if memcmp(q, b"GET ", 4) == 0:
         i = 4
-    elif memcmp(p, b"HEAD ", 5) == 0 or memcmp(p, b"POST ", 5) == 0:
+    elif memcmp(q, b"HEAD ", 5) == 0 or memcmp(q, b"POST ", 5) == 0:
         i = 5
-    elif memcmp(p, b"PUT ", 4) == 0:
+    elif memcmp(q, b"PUT ", 4) == 0:
         i = 4
-    elif memcmp(p, b"PATCH ", 6) == 0:
+    elif memcmp(q, b"PATCH ", 6) == 0:
         i = 6
-    elif memcmp(p, b"DELETE ", 7) == 0:
+    elif memcmp(q, b"DELETE ", 7) == 0:
         i = 7
-    elif memcmp(p, b"OPTIONS ", 8) == 0:
+    elif memcmp(q, b"OPTIONS ", 8) == 0:
         i = 8
     else:
         return 0
+    head.method_end = start + i - 1
+    i += start
     if p[i] != 47:
         # Not origin-form ("/..."): absolute-form and "*" take the
         # general path.
@@ -386,6 +391,7 @@ cdef Py_ssize_t simple_request(bytes data, RequestHead *head) except -1:
         return 0
     if p[i + 8] != 49 and p[i + 8] != 48:
         return 0
+    head.http10 = p[i + 8] == 48
     if p[i + 9] != 13 or i + 10 >= n or p[i + 10] != 10:
         return 0
     i += 11

@@ -146,9 +146,9 @@ cdef class Downstream:
     cdef int _message_begin(self) except -1
     cdef int _header(self, bytes name, bytes value) except -1
     cdef int _message_complete(self) except -1
-    cdef int _simple_request(self, bytes data, Py_ssize_t end,
-                             RequestHead *head) except -1
-    cdef Py_ssize_t _counted_body(self, bytes data) except -1
+    cdef int _simple_request(self, bytes data, Py_ssize_t start,
+                             Py_ssize_t end, RequestHead *head) except -1
+    cdef Py_ssize_t _counted_body(self, bytes data, Py_ssize_t start) except -1
     cdef int _body(self, bytes body) except -1
     cdef int _new_parser(self) except -1
     cdef bint _read_request_line(self, Exchange ex) except -1

@@ -20,7 +20,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
-from libc.string cimport memchr, memcmp
+from libc.string cimport memchr, memcmp, memcpy
 
 from dynapm._fast.heads cimport (
     HEADER_CONNECTION,
@@ -144,8 +144,11 @@ cdef bytes strip_port(bytes host):
         i += 1
     if i == end and end == n:
         return host
-    key = PyBytes_FromStringAndSize(p, end)
+    # Made empty and filled: from a source pointer, a one-byte result would
+    # be CPython's shared object for that byte, not ours to change.
+    key = PyBytes_FromStringAndSize(NULL, end)
     q = PyBytes_AS_STRING(key)
+    memcpy(q, p, end)
     while i < end:
         if 65 <= q[i] <= 90:
             q[i] += 32
@@ -369,7 +372,7 @@ cdef class Downstream:
     def data_received(self, bytes data):
         cdef Exchange ex
         cdef RequestHead head
-        cdef Py_ssize_t end
+        cdef Py_ssize_t start = 0, end, n = len(data)
         if self.closing:
             return
         if self.raw:
@@ -389,31 +392,32 @@ cdef class Downstream:
             return
         if self.broken:
             return
-        if self.body_left:
-            # A plain Content-Length body after a simple head: counted here,
-            # the bytes forwarded as they came.
-            end = self._counted_body(data)
-            if end == len(data) or self.broken or self.closing:
+        # At a message boundary (httptools has seen nothing of the next
+        # request), a simple head arriving whole is read here, without
+        # httptools (see heads.simple_request), and so is its body when it
+        # has a plain Content-Length: counted, the bytes forwarded as they
+        # came. The loop moves an offset through data, so a read holding
+        # many such requests is not copied once per request. A bodiless
+        # head must end the read: pipelined requests after it take the
+        # general path.
+        while True:
+            if self.body_left:
+                start += self._counted_body(data, start)
+                if start == n or self.broken or self.closing:
+                    self._after_feed()
+                    return
+            if self.parsing is not None or self.in_head:
+                break
+            end = simple_request(data, start, &head)
+            if not end or (end < n and not head.length):
+                break
+            self._simple_request(data, start, end, &head)
+            start = end
+            if start == n or self.broken or self.closing:
                 self._after_feed()
                 return
-            data = cut(data, end, len(data))
-        if self.parsing is None and not self.in_head:
-            # At a message boundary (httptools has seen nothing of the next
-            # request): a simple head arriving whole is read here, without
-            # httptools (see heads.simple_request), and so is its body when
-            # it has one. A bodiless head must end the read: pipelined
-            # requests take the general path.
-            end = simple_request(data, &head)
-            if end and (end == len(data) or head.length):
-                self._simple_request(data, end, &head)
-                if end < len(data) and self.body_left:
-                    end += self._counted_body(cut(data, end, len(data)))
-                    if end < len(data) and not self.broken and \
-                            not self.closing:
-                        self.data_received(cut(data, end, len(data)))
-                        return
-                self._after_feed()
-                return
+        if start:
+            data = cut(data, start, n)
         # A message starting with this feed starts at offset 0 of data.
         self.data = data
         self.at_boundary = self.parsing is None and not self.in_head
@@ -427,6 +431,12 @@ cdef class Downstream:
             return
         except HttpParserError as exc:
             self.data = None
+            ex = self.current
+            if ex is not None and ex.upstream is not None and ex.pending:
+                # Body bytes this read held before the error belong to the
+                # exchange under way: they go on before the error is dealt
+                # with, as they would have after a clean read.
+                self._flush(ex)
             self._parse_failed("malformed request: %s" % (exc,))
             return
         self.data = None
@@ -441,19 +451,28 @@ cdef class Downstream:
                 return
         self._after_feed()
 
-    cdef int _simple_request(self, bytes data, Py_ssize_t end,
-                             RequestHead *head) except -1:
+    cdef int _simple_request(self, bytes data, Py_ssize_t start,
+                             Py_ssize_t end, RequestHead *head) except -1:
         # The same steps as the parser callbacks, in the same order, on the
-        # head simple_request has checked: it ends in CRLF CRLF at end, every
-        # line in CRLF, every name in ':'. With a body, the message stays
-        # open and body_left counts it.
+        # head simple_request has checked between start and end: it ends in
+        # CRLF CRLF, every line in CRLF, every name in ':'. With a body, the
+        # message stays open and body_left counts it.
         cdef const char *p = PyBytes_AS_STRING(data)
         cdef Py_ssize_t i = head.headers, last = end - 2
         cdef Py_ssize_t eol, colon, value
         cdef Exchange ex
         self.data = data
-        self.at_boundary = True
+        self.at_boundary = False
         self._message_begin()
+        ex = self.parsing
+        if ex is not None:
+            if memcmp(p + start, b"GET ", 4) == 0:
+                ex.method = METHOD_GET
+            elif memcmp(p + start, b"POST ", 5) == 0:
+                ex.method = METHOD_POST
+            else:
+                ex.method = cut(data, start, head.method_end)
+            ex.http10 = head.http10
         self.target = cut(data, head.target_start, head.target_end)
         self.head_size = head.target_end - head.target_start
         while i < last:
@@ -464,7 +483,6 @@ cdef class Downstream:
                 value += 1
             self._header(cut(data, i, colon), cut(data, value, eol))
             i = eol + 2
-        ex = self.parsing
         self._finish_head(True)
         self.data = None
         if not head.length:
@@ -473,16 +491,19 @@ cdef class Downstream:
             self.body_left = head.length
         return 0
 
-    cdef Py_ssize_t _counted_body(self, bytes data) except -1:
-        # The bytes of data that belong to the body being counted, from its
-        # start: handed on as the parser's body callback would (no copy when
-        # all of data is body). The message completes at its last byte.
-        cdef Py_ssize_t n = len(data)
+    cdef Py_ssize_t _counted_body(self, bytes data, Py_ssize_t start) \
+            except -1:
+        # How many bytes of data from start belong to the body being
+        # counted; they are handed on as the parser's body callback would
+        # (no copy when all of data is body). The message completes at its
+        # last byte.
+        cdef Py_ssize_t n = len(data) - start
         if n > self.body_left:
             n = <Py_ssize_t>self.body_left
-            self._body(cut(data, 0, n))
-        else:
+        if start == 0 and n == len(data):
             self._body(data)
+        else:
+            self._body(cut(data, start, start + n))
         self.body_left -= n
         if not self.body_left:
             self._message_complete()
@@ -718,8 +739,10 @@ cdef class Downstream:
             self._fatal(431, "request head larger than %d bytes"
                         % settings.max_header)
             return 0
-        if self.line_data is None or self.line_data is not self.data or \
-                not self._read_request_line(ex):
+        # A simple head brought its method and version along.
+        if not simple and (self.line_data is None or
+                           self.line_data is not self.data or
+                           not self._read_request_line(ex)):
             ex.method = self.get_method()
             ex.http10 = self.get_http_version() != "1.1"
         self.line_data = None
