@@ -372,8 +372,10 @@ def _bash() -> str:
     global _bash_found
     search = os.environ.get("PATH")
     if search != _bash_found[0]:
-        # Not found: the name itself, so the spawn reports it missing.
-        _bash_found = (search, shutil.which("bash", path=search) or "bash")
+        found = shutil.which("bash", path=search)
+        # Absolute, since the child changes to its cwd before the exec. Not
+        # found: the name itself, so the spawn reports it missing.
+        _bash_found = (search, os.path.abspath(found) if found else "bash")
     return _bash_found[1]
 
 
