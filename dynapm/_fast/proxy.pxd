@@ -131,6 +131,8 @@ cdef class Downstream:
     cdef Exchange upgrade_ex
     cdef Exchange last_ex
     cdef Py_ssize_t head_bytes
+    # The head being parsed began in the current feed to httptools.
+    cdef bint head_began
     cdef list queue
     cdef int paused
     cdef bint write_paused

@@ -423,6 +423,7 @@ cdef class Downstream:
         self.at_boundary = self.parsing is None and not self.in_head
         if self.parser is None:
             self._new_parser()
+        self.head_began = False
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -440,9 +441,11 @@ cdef class Downstream:
             self._parse_failed("malformed request: %s" % (exc,))
             return
         self.data = None
-        if self.in_head:
+        if self.in_head and not self.head_began:
             # httptools reports a header only once its line is complete, so
-            # an endless line is caught by counting the raw bytes.
+            # an endless line is caught by counting the raw bytes. Those of
+            # the read a head began in are not counted: most of them can be
+            # the requests before it (a long pipelined read).
             self.head_bytes += len(data)
             if self.head_bytes > self.settings.max_header + 1024 or \
                     self.head_size > self.settings.max_header:
@@ -606,6 +609,7 @@ cdef class Downstream:
         ex = Exchange()
         self.parsing = ex
         self.in_head = True
+        self.head_began = True
         self.head_bytes = 0
         self.line_data = self.data if self.at_boundary else None
         self.at_boundary = False
